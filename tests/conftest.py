@@ -1,0 +1,8 @@
+"""Test setup: CPU only, highest matmul precision for parity tests."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
