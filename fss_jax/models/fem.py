@@ -1,0 +1,78 @@
+"""PFENet's Feature Enrichment Module (FEM), as used by ASGNet and PFENet.
+
+The layers are created in the *calling* module's scope (these are plain functions called from a
+compact ``__call__``), so parameter names are flat and mirror the PyTorch module paths with '.'
+replaced by '_': ``corr_conv_0_0``, ``alpha_conv_0_0``, ``beta_conv_0_0``, ``beta_conv_0_2``,
+``inner_cls_0_0``, ``inner_cls_0_3``, ``res1_0``, ``res2_0``, ``res2_2``, ``cls_0``, ``cls_3``.
+That keeps the PyTorch key map a one-line rule (see ``fss_jax/convert/keymap.py``).
+"""
+from typing import Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fss_jax.models import ops
+
+Bin = Union[int, float]
+
+
+def conv(features: int, kernel: int, name: str, bias: bool = False) -> nn.Conv:
+  """A PyTorch-style conv: 'same' size via explicit padding (k // 2), no bias by default."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=bias,
+                 name=name)
+
+
+def bin_size(b: Bin, feat_size: int) -> int:
+  """Absolute bin size: ints > 1 are absolute (PASCAL 60/30/15/8), floats <= 1 relative (COCO)."""
+  if isinstance(b, float) and b <= 1.0:
+    return int(feat_size * b)
+  if b < 1:
+    raise ValueError(f"bin {b!r}: use an int > 1 (absolute) or a float <= 1 (relative)")
+  return int(b)
+
+
+def classifier(x: jax.Array, prefix: str, num_classes: int, deterministic: bool) -> jax.Array:
+  """``{prefix}_0`` 3x3 conv → ReLU → Dropout2d(0.1) → ``{prefix}_3`` 1x1 conv with bias.
+
+  x: (B,h,w,C) → (B,h,w,num_classes).
+  """
+  c = x.shape[-1]
+  x = nn.relu(conv(c, 3, f"{prefix}_0")(x))
+  x = ops.Dropout2d(0.1)(x, deterministic=deterministic)
+  return conv(num_classes, 1, f"{prefix}_3", bias=True)(x)
+
+
+def fem(guide_feat: jax.Array, prob_map: jax.Array, bins: Sequence[Bin], *, reduce_dim: int,
+        num_classes: int, deterministic: bool):
+  """Multi-scale feature enrichment and the final classifier.
+
+  Args:
+    guide_feat: (B,h,w,2·reduce_dim) query feature concatenated with its allocated prototype.
+    prob_map: (B,h,w,1) prior/probability map.
+    bins: pyramid bin sizes, in order (e.g. (60, 30, 15, 8) or (1.0, 0.5, 0.25, 0.125)).
+  Returns:
+    (logits (B,h,w,num_classes), aux_logits: list of (B,b,b,num_classes), one per bin).
+  """
+  h, w = guide_feat.shape[1:3]
+  pyramid, aux = [], []
+  for i, b in enumerate(bins):
+    b = bin_size(b, h)
+    guide_bin = ops.adaptive_avg_pool(guide_feat, (b, b))
+    prob_bin = ops.resize_bilinear_ac(prob_map, (b, b))
+    x = nn.relu(conv(reduce_dim, 1, f"corr_conv_{i}_0")(
+        jnp.concatenate([guide_bin, prob_bin], axis=-1)))
+    if i >= 1:
+      prev = ops.resize_bilinear_ac(pyramid[i - 1], (b, b))
+      x = nn.relu(conv(reduce_dim, 1, f"alpha_conv_{i - 1}_0")(
+          jnp.concatenate([x, prev], axis=-1))) + x
+    y = nn.relu(conv(reduce_dim, 3, f"beta_conv_{i}_0")(x))
+    x = nn.relu(conv(reduce_dim, 3, f"beta_conv_{i}_2")(y)) + x
+    aux.append(classifier(x, f"inner_cls_{i}", num_classes, deterministic))
+    pyramid.append(ops.resize_bilinear_ac(x, (h, w)))
+
+  x = nn.relu(conv(reduce_dim, 1, "res1_0")(jnp.concatenate(pyramid, axis=-1)))
+  y = nn.relu(conv(reduce_dim, 3, "res2_0")(x))
+  x = nn.relu(conv(reduce_dim, 3, "res2_2")(y)) + x
+  return classifier(x, "cls", num_classes, deterministic), aux

@@ -1,0 +1,169 @@
+"""ASGNet end-to-end parity with the PyTorch oracle of the reference (tests/torch_asgnet_ref.py).
+
+Weights go torch → ours through the checkpoint importer (the path users take with the authors'
+checkpoints); seeds come from the oracle's host-side scipy procedure on the torch side and from our
+on-device placement on ours. Compared: final logits, auxiliary logits, prototypes, prob map, and
+head gradients of the reference loss.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from fss_jax.convert import torch_import
+from fss_jax.models import asgnet
+from fss_jax.train import losses
+from tests import torch_asgnet_ref as ref
+
+torch.set_num_threads(2)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+
+
+def _randomise_bn(model, gen):
+  for m in model.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.weight.data.uniform_(0.5, 1.5, generator=gen)
+      m.bias.data.uniform_(-0.2, 0.2, generator=gen)
+      m.running_mean.uniform_(-0.2, 0.2, generator=gen)
+      m.running_var.uniform_(0.5, 1.5, generator=gen)
+      m.num_batches_tracked.fill_(int(torch.randint(0, 1000, (1,), generator=gen)))
+
+
+def _masks(rng, b, k, size, tiny_shot=None):
+  """Support labels (B,K,S,S) in {0,1,255}: an ellipse per shot plus an ignore border."""
+  yy, xx = np.mgrid[:size, :size]
+  labels = np.zeros((b, k, size, size), np.int64)
+  for i in range(b):
+    for j in range(k):
+      cy, cx = rng.uniform(0.3, 0.7, 2) * size
+      ry, rx = rng.uniform(0.15, 0.35, 2) * size
+      if tiny_shot is not None and (i, j) == tiny_shot:
+        ry = rx = 0.02 * size  # too small for clustering → masked-average fallback
+      m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+      labels[i, j][m] = 1
+      labels[i, j, :3] = 255
+  return labels
+
+
+def _setup(size, shot, batch, seed=0):
+  gen = torch.Generator().manual_seed(seed)
+  torch.manual_seed(seed)
+  model = ref.RefASGNet(depth=50, shot=shot)
+  _randomise_bn(model, gen)
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
+  s_x = rng.normal(size=(batch, shot, 3, size, size)).astype(np.float32)
+  s_y = _masks(rng, batch, shot, size, tiny_shot=(0, 0))
+  y = _masks(rng, batch, 1, size)[:, 0]
+  seeds = np.stack([[ref.place_seed_points((s_y[i, j] == 1).astype(np.float32))
+                     for j in range(shot)] for i in range(batch)])
+
+  net = asgnet.ASGNet(depth=50)
+  template = jax.eval_shape(
+      lambda: net.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                       jnp.zeros((1, shot, size, size, 3)), jnp.zeros((1, shot, size, size),
+                                                                      jnp.int32), train=False))
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  variables = torch_import.model_variables_from_torch(sd, template)
+  jx = dict(query=jnp.asarray(x.transpose(0, 2, 3, 1)),
+            supp_images=jnp.asarray(s_x.transpose(0, 1, 3, 4, 2)),
+            supp_labels=jnp.asarray(s_y, jnp.int32))
+  tx = dict(x=torch.from_numpy(x), s_x=torch.from_numpy(s_x), s_y=torch.from_numpy(s_y).float(),
+            s_seed=torch.from_numpy(seeds))
+  return model, net, variables, jx, tx, y, seeds
+
+
+def _check_eval(size, shot, batch):
+  model, net, variables, jx, tx, _, seeds = _setup(size, shot, batch)
+  model.eval()
+  with torch.no_grad():
+    want = model(**tx)
+  got = jax.jit(lambda v, a: net.apply(v, **a, train=False))(variables, jx)
+
+  np.testing.assert_array_equal(np.asarray(got["seeds"]), seeds)
+  assert _rel(got["logits"], want["logits"].numpy().transpose(0, 2, 3, 1)) <= 1e-4
+  for a, b in zip(got["aux_logits"], want["aux_logits"]):
+    assert _rel(a, b.numpy().transpose(0, 2, 3, 1)) <= 1e-4
+  assert _rel(got["prob_map"][..., 0], want["prob_map"][:, 0].numpy()) <= 1e-4
+  for i in range(batch):
+    valid = np.asarray(got["proto_valid"][i])
+    ours = np.asarray(got["prototypes"][i])[valid]
+    theirs = want["prototypes"][i].numpy().T
+    assert ours.shape == theirs.shape
+    assert _rel(ours, theirs) <= 1e-5
+  # The tiny first shot must have taken the masked-average fallback (one prototype).
+  assert int(np.asarray(got["proto_valid"][0, :5]).sum()) == 1
+  assert int(np.asarray(got["proto_valid"]).sum()) > batch * shot  # and others clustered
+
+
+def _check_grads(size, shot, batch):
+  model, net, variables, jx, tx, y, _ = _setup(size, shot, batch)
+  model.train()
+  for m in model.modules():  # frozen BN, dropout off: a deterministic train-mode forward
+    if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Dropout2d)):
+      m.eval()
+  model.zero_grad()
+  out = model(**tx)
+  loss = ref.reference_loss(out, torch.from_numpy(y))
+  loss.backward()
+
+  def loss_fn(params):
+    o = net.apply({**variables, "params": params}, **jx, train=True, deterministic=True)
+    return losses.asgnet_loss(o["logits"], o["aux_logits"], jnp.asarray(y, jnp.int32))[0]
+
+  our_loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+  assert _rel(our_loss, loss.item()) <= 1e-4
+  named = dict(model.named_parameters())
+  checked = 0
+  for name, sub in grads.items():
+    if name == "backbone":
+      assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(sub))
+      continue
+    torch_name = _torch_head_name(name)
+    tg = named[torch_name + ".weight"].grad.numpy().transpose(2, 3, 1, 0)
+    assert _rel(sub["kernel"], tg) <= 1e-4, name
+    if "bias" in sub:
+      assert _rel(sub["bias"], named[torch_name + ".bias"].grad.numpy()) <= 1e-4, name
+    checked += 1
+  assert checked == 1 + 4 + 3 + 8 + 8 + 1 + 2 + 2
+
+
+def _torch_head_name(flax_name):
+  """'beta_conv_1_2' → 'beta_conv.1.2' (module names themselves contain one '_')."""
+  parts = flax_name.split("_")
+  if parts[0] in ("res1", "res2", "cls"):
+    return ".".join(parts)
+  return "_".join(parts[:2]) + "." + ".".join(parts[2:])
+
+
+def test_head_param_count():
+  net = asgnet.ASGNet(depth=50)
+  shapes = jax.eval_shape(lambda: net.init(
+      jax.random.key(0), jnp.zeros((1, 65, 65, 3)), jnp.zeros((1, 1, 65, 65, 3)),
+      jnp.zeros((1, 1, 65, 65), jnp.int32), train=False))
+  assert asgnet.head_param_count(shapes["params"]) == 10_423_818
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_eval_parity_233(shot):
+  _check_eval(233, shot, batch=2 if shot == 1 else 1)
+
+
+def test_grad_parity_233_1shot():
+  _check_grads(233, 1, batch=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shot", [1, 5])
+def test_eval_parity_473(shot):
+  _check_eval(473, shot, batch=1)
+
+
+@pytest.mark.slow
+def test_grad_parity_473_5shot():
+  _check_grads(473, 5, batch=1)

@@ -1,0 +1,161 @@
+"""A PyTorch oracle of the reference ASGNet (Reagan1311/ASGNet), written from the documented facts.
+
+Used only by the parity tests: it follows the reference's structure step by step (per-sample,
+per-shot loops, ROI gathers, host-side seeds with scipy's EDT), in NCHW, so that our batched,
+masked JAX version can be compared against it. Module registration order (and therefore the
+state_dict key order) is the reference's.
+"""
+import cv2
+import numpy as np
+from scipy import ndimage
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from tests import torch_resnet_ref
+
+
+def place_seed_points(mask: np.ndarray, down_stride=8, max_num_sp=5, avg_sp_area=100):
+  """Reference §3 on the host: (H,W) binary mask → (max_num_sp, 2) int64 seeds (row, col)."""
+  rows = np.zeros(max_num_sp, np.int64)
+  cols = np.zeros(max_num_sp, np.int64)
+  h = (mask.shape[0] - 1) // down_stride + 1
+  w = (mask.shape[1] - 1) // down_stride + 1
+  down = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
+  nz = np.nonzero(down)
+  num_sp = 0
+  if len(nz[0]):
+    top, left = nz[0].min(), nz[1].min()
+    crop = down[top:nz[0].max() + 1, left:nz[1].max() + 1].copy()
+    num_sp = int(min(np.round((crop == 1).sum() / avg_sp_area), max_num_sp))
+  if num_sp not in (0, 1):
+    for i in range(num_sp):
+      dt = ndimage.distance_transform_edt(crop)
+      r, c = np.unravel_index(np.argmax(dt), dt.shape)  # first maximum, row-major
+      crop[r, c] = 0
+      rows[i], cols[i] = r + top, c + left
+  return np.stack([rows, cols], axis=1)
+
+
+def _masked_gap(feat, mask):
+  """(1,C,h,w), (1,1,h,w) → (1,C,1,1): Σ f·m / (Σ m + 0.0005)."""
+  return (feat * mask).sum((2, 3), keepdim=True) / (mask.sum((2, 3), keepdim=True) + 0.0005)
+
+
+def sp_center_iter(feat, mask, init_center, n_iter):
+  """SGC of one shot. feat (C,h,w), mask (1,h,w), init_center (C+2, n) → (C, n)."""
+  c, h, w = feat.shape
+  rows = torch.arange(h, dtype=feat.dtype).view(h, 1).expand(h, w)[None]
+  cols = torch.arange(w, dtype=feat.dtype).view(1, w).expand(h, w)[None]
+  feat = torch.cat([feat, rows, cols], 0)
+  roi = feat[:, mask[0] == 1]  # (C+2, R)
+  center = init_center
+  for _ in range(n_iter):
+    d = (roi[:, :, None] - center[:, None, :]) ** 2  # (C+2, R, n)
+    dist = (d[:-2].sum(0) + d[-2:].sum(0) / 100).sqrt()
+    assoc = torch.exp(-dist)
+    assoc = assoc / assoc.sum(0, keepdim=True)
+    center = (roi[:, :, None] * assoc[None]).sum(1)
+  return center[:-2]
+
+
+def _seq(*mods):
+  return nn.Sequential(*mods)
+
+
+class RefASGNet(nn.Module):
+  """Reference ASGNet with FEM; ``forward`` returns a dict of outputs and intermediates."""
+
+  def __init__(self, depth=50, bins=(60, 30, 15, 8), shot=1, train_iter=10, eval_iter=5):
+    super().__init__()
+    r = torch_resnet_ref.ResNetRef(depth)
+    self.layer0 = _seq(r.conv1, r.bn1, nn.ReLU(), r.conv2, r.bn2, nn.ReLU(), r.conv3, r.bn3,
+                       nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
+    d = 256
+    self.cls = _seq(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(), nn.Dropout2d(0.1),
+                    nn.Conv2d(d, 2, 1))
+    self.down_conv = _seq(nn.Conv2d(1536, d, 1, bias=False), nn.Dropout2d(0.5))
+    self.bins = bins
+    self.corr_conv = nn.ModuleList(
+        [_seq(nn.Conv2d(2 * d + 1, d, 1, bias=False), nn.ReLU()) for _ in bins])
+    self.beta_conv = nn.ModuleList([
+        _seq(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(),
+             nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU()) for _ in bins])
+    self.inner_cls = nn.ModuleList([
+        _seq(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(), nn.Dropout2d(0.1),
+             nn.Conv2d(d, 2, 1)) for _ in bins])
+    self.alpha_conv = nn.ModuleList(
+        [_seq(nn.Conv2d(2 * d, d, 1, bias=False), nn.ReLU()) for _ in bins[1:]])
+    self.res1 = _seq(nn.Conv2d(d * len(bins), d, 1, bias=False), nn.ReLU())
+    self.res2 = _seq(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(),
+                     nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU())
+    self.shot, self.train_iter, self.eval_iter = shot, train_iter, eval_iter
+
+  def backbone(self, x):
+    with torch.no_grad():
+      f2 = self.layer2(self.layer1(self.layer0(x)))
+      f3 = self.layer3(f2)
+    return torch.cat([f3, f2], 1)
+
+  def forward(self, x, s_x, s_y, s_seed):
+    """x (B,3,H,W), s_x (B,K,3,H,W), s_y (B,K,H,W), s_seed (B,K,max_sp,2) int64."""
+    big_h, big_w = x.shape[2:]
+    query_feat = self.down_conv(self.backbone(x))
+    h, w = query_feat.shape[2:]
+    supp_feats, masks = [], []
+    for i in range(self.shot):
+      with torch.no_grad():
+        m = (s_y[:, i] == 1).float()[:, None]
+        masks.append(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=True))
+      supp_feats.append(self.down_conv(self.backbone(s_x[:, i])))
+
+    guides, probs, protos_all = [], [], []
+    for b in range(x.shape[0]):
+      centers = []
+      for i in range(self.shot):
+        with torch.no_grad():
+          f, m, seed = supp_feats[i][b], masks[i][b], s_seed[b, i]
+          n = max(int((seed[:, 0] != 0).sum()), int((seed[:, 1] != 0).sum()))
+          if n <= 1:
+            centers.append(_masked_gap(f[None], m[None])[0, :, 0])  # (C,1)
+            continue
+          seed = seed[:n]
+          init = torch.cat([f[:, seed[:, 0], seed[:, 1]], seed.t().to(f.dtype)], 0)
+          iters = self.train_iter if self.training else self.eval_iter
+          centers.append(sp_center_iter(f, m, init, iters))
+      center = torch.cat(centers, 1)  # (C, P)
+      protos_all.append(center)
+      q = query_feat[b]
+      cos = F.cosine_similarity(center[:, :, None, None], q[:, None], dim=0, eps=1e-7)  # (P,h,w)
+      probs.append(cos.sum(0, keepdim=True)[None])
+      idx = cos.max(0)[1]
+      guides.append(torch.cat([q, center[:, idx]], 0)[None])
+    guide_feat, prob_map = torch.cat(guides), torch.cat(probs)
+
+    pyramid, aux = [], []
+    for i, tmp in enumerate(self.bins):
+      size = int(h * tmp) if tmp <= 1.0 else tmp
+      g = F.adaptive_avg_pool2d(guide_feat, size)
+      p = F.interpolate(prob_map, size=(size, size), mode="bilinear", align_corners=True)
+      z = self.corr_conv[i](torch.cat([g, p], 1))
+      if i >= 1:
+        prev = F.interpolate(pyramid[i - 1], size=(size, size), mode="bilinear",
+                             align_corners=True)
+        z = self.alpha_conv[i - 1](torch.cat([z, prev], 1)) + z
+      z = self.beta_conv[i](z) + z
+      aux.append(self.inner_cls[i](z))
+      pyramid.append(F.interpolate(z, size=(h, w), mode="bilinear", align_corners=True))
+    z = self.res1(torch.cat(pyramid, 1))
+    z = self.res2(z) + z
+    up = lambda t: F.interpolate(t, size=(big_h, big_w), mode="bilinear", align_corners=True)
+    return {"logits": up(self.cls(z)), "aux_logits": [up(a) for a in aux],
+            "prototypes": protos_all, "prob_map": prob_map, "query_feat": query_feat}
+
+
+def reference_loss(out, y):
+  """Reference training loss: main CE + mean of the 4 auxiliary CEs (ignore 255)."""
+  ce = nn.CrossEntropyLoss(ignore_index=255)
+  main = ce(out["logits"], y)
+  aux = sum(ce(a, y) for a in out["aux_logits"]) / len(out["aux_logits"])
+  return main + aux
