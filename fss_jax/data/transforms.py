@@ -1,0 +1,224 @@
+"""Reference (PFENet/ASGNet) augmentation and evaluation resize, in OpenCV on float32.
+
+Images are RGB, (H, W, 3); labels uint8 (H, W) already made binary for the episode's
+class ({0 background, 1 class, 255 ignore}, see `binarize_label`). Every random number
+comes from a passed `np.random.Generator`, drawn in this fixed order (per image):
+
+  1. scale factor              lo + (hi - lo) * rng.random()
+  2. rotate?                   rng.random() < rotate_p; if so angle = lo + (hi - lo) * rng.random()
+  3. blur?                     rng.random() < blur_p
+  4. flip?                     rng.random() < flip_p
+  5. crop offsets              rng.integers(0, H - S + 1), rng.integers(0, W - S + 1),
+                               re-drawn (same two calls) up to `crop_redraws` times while
+                               the crop keeps < crop_keep of the class pixels.
+
+The reference draws the rotation angle before its coin and allows one more crop redraw
+than documented (its loop test is `<= 30`); neither changes the distribution of the
+result beyond that one redraw, and fss_jax follows the documented 30.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+IGNORE_LABEL = 255
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The reference works on 0..255 pixel values.
+MEAN_255 = tuple(m * 255.0 for m in IMAGENET_MEAN)
+STD_255 = tuple(s * 255.0 for s in IMAGENET_STD)
+_MEAN32 = np.array(MEAN_255, np.float32)
+_STD32 = np.array(STD_255, np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAugConfig:
+  """Reference training augmentation (PASCAL defaults; COCO uses scale (0.8, 1.25))."""
+  size: int = 473
+  scale: tuple[float, float] = (0.9, 1.1)
+  rotate: tuple[float, float] = (-10.0, 10.0)
+  rotate_p: float = 0.5
+  blur_p: float = 0.5
+  blur_kernel: int = 5
+  flip_p: float = 0.5
+  crop_keep: float = 0.85
+  crop_redraws: int = 30
+
+
+def check_size(size: int) -> int:
+  """Output sizes must be 8k+1 (output-stride-8 backbone, align-corners upsampling)."""
+  if size < 9 or (size - 1) % 8:
+    raise ValueError(f"image size must be 8k+1 (e.g. 473), got {size}")
+  return size
+
+
+def binarize_label(label: np.ndarray, class_id: int) -> np.ndarray:
+  """uint8 (H, W) class map -> {0, 1, 255}: class_id -> 1, 255 stays, all else -> 0."""
+  out = (label == class_id).astype(np.uint8)
+  out[label == IGNORE_LABEL] = IGNORE_LABEL
+  return out
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+  """(..., 3) RGB in 0..255 -> float32 (x - mean) / std (a new array)."""
+  return _normalize_inplace(np.array(image, np.float32))
+
+
+def _normalize_inplace(image: np.ndarray) -> np.ndarray:
+  # Subtract then divide in float32, as the reference's torch Normalize does.
+  image -= _MEAN32
+  image /= _STD32
+  return image
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def random_scale(image, label, rng, scale=(0.9, 1.1)):
+  """Isotropic rescale by U[scale]: bilinear image, nearest label (cv2 fx/fy mapping)."""
+  factor = scale[0] + (scale[1] - scale[0]) * rng.random()
+  image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
+  label = cv2.resize(label, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+  return image, label
+
+
+def random_rotate(image, label, rng, angle_range=(-10.0, 10.0), p=0.5):
+  """With probability p rotate about the centre; borders = ImageNet mean / 255."""
+  if rng.random() >= p:
+    return image, label
+  angle = angle_range[0] + (angle_range[1] - angle_range[0]) * rng.random()
+  h, w = label.shape
+  matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
+  image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=MEAN_255)
+  label = cv2.warpAffine(label, matrix, (w, h), flags=cv2.INTER_NEAREST,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE_LABEL)
+  return image, label
+
+
+def random_blur(image, rng, kernel=5, p=0.5):
+  """With probability p, kernel x kernel Gaussian blur, sigma derived from the kernel."""
+  if rng.random() >= p:
+    return image
+  return cv2.GaussianBlur(image, (kernel, kernel), 0)
+
+
+def random_hflip(image, label, rng, p=0.5):
+  if rng.random() >= p:
+    return image, label
+  return cv2.flip(image, 1), cv2.flip(label, 1)
+
+
+def random_crop(image, label, rng, size, keep=0.85, redraws=30):
+  """Random size x size crop of the image after centred padding (mean / 255).
+
+  The crop is re-drawn up to `redraws` times while it holds fewer than keep * (all class
+  pixels) of label == 1. The padded image is never built: the window is cut from the
+  unpadded arrays into a pre-filled canvas, and class-pixel counts come from an integral
+  image, so each redraw costs O(1).
+
+  Returns:
+    image float32 (size, size, 3), label uint8 (size, size).
+  """
+  h, w = label.shape
+  pad_h, pad_w = max(size - h, 0), max(size - w, 0)
+  top, left = pad_h // 2, pad_w // 2
+  ph, pw = h + pad_h, w + pad_w
+  fg = cv2.integral((label == 1).astype(np.uint8))  # (h+1, w+1) int32
+  total = int(fg[-1, -1])
+
+  def count(y0, x0):  # class pixels inside the window, in unpadded coordinates
+    ya, yb = np.clip([y0 - top, y0 - top + size], 0, h)
+    xa, xb = np.clip([x0 - left, x0 - left + size], 0, w)
+    return int(fg[yb, xb] - fg[ya, xb] - fg[yb, xa] + fg[ya, xa])
+
+  y0, x0 = int(rng.integers(0, ph - size + 1)), int(rng.integers(0, pw - size + 1))
+  tries = 0
+  while count(y0, x0) < keep * total and tries < redraws:
+    y0, x0 = int(rng.integers(0, ph - size + 1)), int(rng.integers(0, pw - size + 1))
+    tries += 1
+  out_img = np.empty((size, size, 3), np.float32)
+  out_img[...] = _MEAN32
+  out_lab = np.full((size, size), IGNORE_LABEL, np.uint8)
+  sy, sx = max(y0 - top, 0), max(x0 - left, 0)
+  ey, ex = min(y0 - top + size, h), min(x0 - left + size, w)
+  dy, dx = sy - (y0 - top), sx - (x0 - left)
+  out_img[dy:dy + ey - sy, dx:dx + ex - sx] = image[sy:ey, sx:ex]
+  out_lab[dy:dy + ey - sy, dx:dx + ex - sx] = label[sy:ey, sx:ex]
+  return out_img, out_lab
+
+
+def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                    config: TrainAugConfig = TrainAugConfig()):
+  """Reference training augmentation of one image.
+
+  Args:
+    image: (H, W, 3) RGB, uint8 or float32 (0..255).
+    label: uint8 (H, W) in {0, 1, 255}.
+    rng: the only source of randomness (see the module docstring for the draw order).
+    config: augmentation settings; config.size must be 8k+1.
+  Returns:
+    image float32 (S, S, 3) normalised, label uint8 (S, S) in {0, 1, 255}.
+  """
+  image = np.asarray(image, np.float32)
+  image, label = random_scale(image, label, rng, config.scale)
+  image, label = random_rotate(image, label, rng, config.rotate, config.rotate_p)
+  image = random_blur(image, rng, config.blur_kernel, config.blur_p)
+  image, label = random_hflip(image, label, rng, config.flip_p)
+  image, label = random_crop(image, label, rng, config.size, config.crop_keep,
+                             config.crop_redraws)
+  return _normalize_inplace(image), label
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_hw(height: int, width: int, size: int) -> tuple[int, int]:
+  """Resized (h, w): longer side -> size, shorter truncated, both floored to 8k."""
+  if height >= width:
+    ratio = size * 1.0 / height
+    new_h, new_w = size, int(width * ratio)
+  else:
+    ratio = size * 1.0 / width
+    new_h, new_w = int(height * ratio), size
+  return new_h // 8 * 8, new_w // 8 * 8
+
+
+def eval_resize(image: np.ndarray, label: np.ndarray, size: int = 473):
+  """Reference evaluation resize: top-left in a size x size canvas.
+
+  Args:
+    image: (H, W, 3) RGB, uint8 or float32.
+    label: uint8 (H, W) in {0, 1, 255}.
+    size: canvas side, 8k+1.
+  Returns:
+    image float32 (size, size, 3): the resized image normalised, the rest of the canvas
+    the normalised value of 0; label uint8 (size, size) padded with 255.
+  """
+  h, w = label.shape
+  new_h, new_w = eval_hw(h, w, size)
+  image = np.asarray(image, np.float32)
+  canvas = np.zeros((size, size, 3), np.float32)
+  canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h),
+                                      interpolation=cv2.INTER_LINEAR)
+  lab = np.full((size, size), IGNORE_LABEL, np.uint8)
+  lab[:new_h, :new_w] = cv2.resize(label, (new_w, new_h),
+                                   interpolation=cv2.INTER_NEAREST)
+  return _normalize_inplace(canvas), lab
+
+
+def pad_label(label: np.ndarray, size: int | None = None) -> np.ndarray:
+  """Original-size label padded with 255 to a square (side max(H, W), or `size`).
+
+  The reference's "original-label" evaluation compares logits upsampled to the
+  max(H, W) square; a larger `size` gives fixed-shape batches (crop back to max(H, W)).
+  """
+  h, w = label.shape
+  side = max(h, w) if size is None else size
+  if side < max(h, w):
+    raise ValueError(f"label of size {h}x{w} does not fit a {side}x{side} square")
+  out = np.full((side, side), IGNORE_LABEL, np.uint8)
+  out[:h, :w] = label
+  return out
