@@ -1,0 +1,191 @@
+"""Tests for fss_jax.train.metrics against hand counts and a transcription of the reference."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from fss_jax.train import metrics
+
+# ---- independent oracle: direct numpy transcription of the reference's evaluation ----
+
+
+def _ref_intersection_and_union(output, target, k=2, ignore_index=255):
+  """util.util.intersectionAndUnion (histogram over bins 0..K)."""
+  output = output.reshape(output.size).copy()
+  target = target.reshape(target.size)
+  output[np.where(target == ignore_index)[0]] = ignore_index
+  intersection = output[np.where(output == target)[0]]
+  area_inter, _ = np.histogram(intersection, bins=np.arange(k + 1))
+  area_output, _ = np.histogram(output, bins=np.arange(k + 1))
+  area_target, _ = np.histogram(target, bins=np.arange(k + 1))
+  return area_inter, area_output + area_target - area_inter
+
+
+def _ref_evaluate(episodes, novel):
+  """tool/test.py's accumulation: per-class fg sums, global bg/fg sums, eps 1e-10."""
+  cls_inter = {c: 0 for c in novel}
+  cls_union = {c: 0 for c in novel}
+  inter_sum = np.zeros(2)
+  union_sum = np.zeros(2)
+  for cid, pred, label in episodes:
+    inter, union = _ref_intersection_and_union(pred, label)
+    inter_sum += inter
+    union_sum += union
+    cls_inter[cid] += inter[1]
+    cls_union[cid] += union[1]
+  miou = np.mean([cls_inter[c] / (cls_union[c] + 1e-10) for c in novel])
+  fbiou = np.mean(inter_sum / (union_sum + 1e-10))
+  return miou, fbiou
+
+
+# Hand-built episodes; the counts below are worked out by hand.
+_EPISODES = [
+    # class 1: valid = all but (1,1). fg: pred 3, label 3, inter 2, union 4.
+    #          bg: pred 2, label 2, inter 1, union 3.
+    (1, np.array([[1, 0, 0], [1, 1, 1]]), np.array([[1, 1, 0], [0, 255, 1]])),
+    # class 1 again: fg: pred 0, label 2, inter 0, union 2. bg: pred 4, label 2, inter 2, union 4.
+    (1, np.array([[0, 0], [0, 0]]), np.array([[0, 0], [1, 1]])),
+    # class 2: valid (0,0), (1,1). fg: pred 2, label 0, inter 0, union 2.
+    #          bg: pred 0, label 2, inter 0, union 2.
+    (2, np.array([[1, 1], [1, 1]]), np.array([[0, 255], [255, 0]])),
+    # class 3: empty foreground union. bg: inter 4, union 4.
+    (3, np.zeros((2, 2), int), np.zeros((2, 2), int)),
+]
+_HAND_STATS = [([1, 2], [3, 4]), ([2, 0], [4, 2]), ([0, 0], [2, 2]), ([4, 0], [4, 0])]
+
+
+def test_episode_stats_hand_counts():
+  for (_, pred, label), (inter, union) in zip(_EPISODES, _HAND_STATS):
+    i, u = metrics.episode_stats(pred, label)
+    np.testing.assert_array_equal(i, inter)
+    np.testing.assert_array_equal(u, union)
+
+
+def test_meter_hand_computed():
+  meter = metrics.FewShotMeter(classes=[1, 2, 3, 4])  # class 4 never appears
+  for cid, pred, label in _EPISODES:
+    meter.update(cid, *metrics.episode_stats(pred, label))
+  # Class 1 accumulates sums (2+0)/(4+2) = 1/3, not the mean of per-episode IoUs (0.25).
+  assert meter.class_iou(1) == pytest.approx(1 / 3)
+  assert meter.class_iou(2) == 0.0
+  assert meter.class_iou(3) == 0.0  # empty union: 0 / (0 + 1e-10)
+  assert meter.class_iou(4) == 0.0  # no episode: counts as 0 in the mean
+  assert meter.miou() == pytest.approx((1 / 3) / 4)
+  assert meter.miou([1, 2]) == pytest.approx((1 / 3) / 2)
+  # FB: fg 2/8, bg 7/13.
+  assert meter.fbiou() == pytest.approx((2 / 8 + 7 / 13) / 2)
+  assert meter.num_episodes == 4
+  table = meter.per_class()
+  assert table[1] == {"iou": pytest.approx(1 / 3), "episodes": 2, "inter": 2, "union": 6}
+  assert table[4]["episodes"] == 0
+  s = meter.summary(prefix="val/")
+  assert s["val/miou"] == pytest.approx(1 / 12) and s["val/episodes"] == 4
+  assert set(s) == {"val/miou", "val/fbiou", "val/episodes"} | {
+      f"val/class_iou/{c}" for c in (1, 2, 3, 4)}
+  ref_miou, ref_fb = _ref_evaluate(_EPISODES, [1, 2, 3, 4])
+  assert meter.miou() == pytest.approx(ref_miou, abs=1e-12)
+  assert meter.fbiou() == pytest.approx(ref_fb, abs=1e-12)
+  assert "mIoU 8.33" in meter.format_table()
+
+
+def test_random_episodes_match_reference_transcription():
+  rng = np.random.default_rng(0)
+  novel = [6, 7, 8, 9, 10]
+  episodes = []
+  for _ in range(40):
+    label = rng.choice([0, 1, 255], size=(9, 11), p=[0.5, 0.35, 0.15])
+    pred = rng.integers(0, 2, size=(9, 11))
+    episodes.append((int(rng.choice(novel[:4])), pred, label))  # class 10 unseen
+  meter = metrics.FewShotMeter(novel)
+  for cid, pred, label in episodes:
+    i, u = metrics.episode_stats(pred, label)
+    ri, ru = _ref_intersection_and_union(pred, label)
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_array_equal(u, ru)
+    meter.update(cid, i, u)
+  ref_miou, ref_fb = _ref_evaluate(episodes, novel)
+  assert meter.miou() == pytest.approx(ref_miou, abs=1e-12)
+  assert meter.fbiou() == pytest.approx(ref_fb, abs=1e-12)
+
+
+def test_batch_stats_jit_matches_numpy():
+  rng = np.random.default_rng(1)
+  label = rng.choice([0, 1, 255], size=(5, 7, 6)).astype(np.uint8)
+  pred = rng.integers(0, 2, size=(5, 7, 6)).astype(np.int32)
+  inter, union = jax.jit(metrics.batch_stats)(pred, label)
+  assert inter.shape == (5, 2) and union.shape == (5, 2)
+  for b in range(5):
+    i, u = metrics.episode_stats(pred[b], label[b])
+    np.testing.assert_array_equal(np.asarray(inter[b]), i)
+    np.testing.assert_array_equal(np.asarray(union[b]), u)
+
+
+def test_update_batch_valid_mask_and_merge():
+  rng = np.random.default_rng(2)
+  label = rng.choice([0, 1, 255], size=(6, 5, 5))
+  pred = rng.integers(0, 2, size=(6, 5, 5))
+  cids = np.array([1, 2, 1, 3, 2, 1])
+  inter, union = metrics.batch_stats(pred, label)
+  valid = np.array([1, 1, 1, 1, 0, 0], bool)  # last two are padding
+  batched = metrics.FewShotMeter([1, 2, 3])
+  batched.update_batch(cids, inter, union, valid=valid)
+  one_by_one = metrics.FewShotMeter([1, 2, 3])
+  for b in range(4):
+    one_by_one.update(cids[b], *metrics.episode_stats(pred[b], label[b]))
+  assert batched.state_dict() == one_by_one.state_dict()
+  # Two "hosts" with halves of the data merge to the whole.
+  a, b = metrics.FewShotMeter([1, 2, 3]), metrics.FewShotMeter([1, 2, 3])
+  a.update_batch(cids[:2], inter[:2], union[:2])
+  b.update_batch(cids[2:4], inter[2:4], union[2:4])
+  assert a.merge(b).state_dict() == batched.state_dict()
+
+
+def test_state_roundtrip_dense_and_gather():
+  meter = metrics.FewShotMeter([1, 2, 3, 4])
+  for cid, pred, label in _EPISODES:
+    meter.update(cid, *metrics.episode_stats(pred, label))
+  state = json.loads(json.dumps(meter.state_dict()))
+  again = metrics.FewShotMeter.from_state_dict(state)
+  assert again.miou() == meter.miou() and again.fbiou() == meter.fbiou()
+  dense = metrics.FewShotMeter.from_dense(meter.to_dense(4), meter.classes)
+  assert dense.state_dict() == meter.state_dict()
+  assert metrics.gather_meter(meter) is meter  # single process: no-op
+  with pytest.raises(ValueError, match="malformed"):
+    metrics.FewShotMeter.from_state_dict({"counts": {"1": {"inter": [1, 2]}}})
+
+
+def test_int64_split_roundtrip_and_sums():
+  x = np.array([0, 1, 2**31 - 1, 2**31, 8_200_000_000, 2**40 + 12345], np.int64)
+  y = np.array([5, 2**31 - 1, 2**31 - 1, 3, 8_200_000_000, 7], np.int64)
+  (hx, lx), (hy, ly) = metrics.split_int64(x), metrics.split_int64(y)
+  assert hx.dtype == np.int32 and lx.dtype == np.int32
+  np.testing.assert_array_equal(metrics.join_int64(hx, lx), x)
+  summed = metrics.join_int64(hx.astype(np.int64) + hy, lx.astype(np.int64) + ly)
+  np.testing.assert_array_equal(summed, x + y)
+
+
+def test_bad_inputs():
+  meter = metrics.FewShotMeter()
+  with pytest.raises(ValueError, match="inter must have 2 entries"):
+    meter.update(1, [1, 2, 3], [1, 2])
+  with pytest.raises(ValueError, match="non-negative integer"):
+    meter.update(1, [1, -2], [1, 2])
+  with pytest.raises(ValueError, match="shape"):
+    metrics.episode_stats(np.zeros((2, 2)), np.zeros((2, 3)))
+  with pytest.raises(ValueError, match="B, H, W"):
+    metrics.batch_stats(np.zeros((2, 2)), np.zeros((2, 2)))
+  assert np.isnan(meter.miou())
+
+
+def test_mean_std():
+  r = metrics.mean_std([0.5, 0.7, 0.6])
+  assert r["mean"] == pytest.approx(0.6) and r["n"] == 3
+  assert r["std"] == pytest.approx(np.sqrt(((0.1) ** 2 * 2) / 3))
+  assert metrics.mean_std([0.5, 0.7], ddof=1)["std"] == pytest.approx(np.sqrt(0.02))
+  d = metrics.mean_std([{"miou": 0.5, "fbiou": 0.7}, {"miou": 0.7, "fbiou": 0.7}])
+  assert d["miou"]["mean"] == pytest.approx(0.6) and d["fbiou"]["std"] == 0.0
+  with pytest.raises(ValueError, match="keys"):
+    metrics.mean_std([{"miou": 0.5}, {"fbiou": 0.5}])
+  with pytest.raises(ValueError, match="no results"):
+    metrics.mean_std([])
