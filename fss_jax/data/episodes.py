@@ -1,0 +1,221 @@
+"""Few-shot episode sampling (reference semantics, docs/reference_asgnet.md §7-§8).
+
+Everything here works on record indices and the manifest's per-image class pixel counts;
+no image is decoded. An episode names a query record, K support records and a class id;
+`pipeline.py` turns it into arrays.
+
+Training (§7): a class counts for an image only if it covers >= MIN_CLASS_PIXELS pixels.
+The query list is every image with at least one such *base* class; novel classes are
+never targets (their pixels end up background once the label is made binary). An episode
+is (query, a class drawn uniformly among the query's eligible base classes, K distinct
+support images != query drawn uniformly from the images where that class is eligible).
+
+Evaluation (§8): walk the split in record order over the images with at least one eligible
+novel class, cycling, one episode per image; the class is drawn among all novel classes
+*present* in the query (any pixel count), supports among the images where the class is
+eligible. Episode i draws from `np.random.default_rng([seed, i])`, so an episode list is a
+pure function of (dataset, novel classes, shot, seed, i) and a longer list extends a
+shorter one. The reference's loop lets N+1 episodes through; here N means N.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Collection, Mapping, Sequence
+
+import numpy as np
+
+MIN_CLASS_PIXELS = 2 * 32 * 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+  """One few-shot episode (record indices into one split).
+
+  Attributes:
+    query: record index of the query image.
+    supports: K distinct record indices, none equal to query.
+    class_id: the episode's class (label pixels of this id become 1).
+  """
+  query: int
+  supports: tuple[int, ...]
+  class_id: int
+
+
+def class_pixels(image: Mapping[str, Any] | Mapping[int, int]) -> dict[int, int]:
+  """Pixel counts of one image as {int class id: pixels}.
+
+  Accepts a manifest image entry ({"classes": {"<id>": n}, ...}) or such a dict directly.
+  """
+  counts = image["classes"] if "classes" in image else image
+  return {int(c): int(n) for c, n in counts.items()}
+
+
+def _pixel_table(images: Sequence[Mapping]) -> list[dict[int, int]]:
+  return [class_pixels(im) for im in images]
+
+
+def eligible_classes(pixels: Mapping[int, int], classes: Collection[int],
+                     min_pixels: int = MIN_CLASS_PIXELS) -> list[int]:
+  """Classes of `classes` covering >= min_pixels in an image, ascending."""
+  return sorted(c for c, n in pixels.items() if c in classes and n >= min_pixels)
+
+
+def build_class_index(images: Sequence[Mapping], classes: Collection[int],
+                      min_pixels: int = MIN_CLASS_PIXELS) -> dict[int, np.ndarray]:
+  """Class id -> ascending int64 record indices of the images where it is eligible.
+
+  Every class of `classes` gets an entry (possibly empty).
+  """
+  index = {int(c): [] for c in classes}
+  for i, pixels in enumerate(_pixel_table(images)):
+    for c in eligible_classes(pixels, index, min_pixels):
+      index[c].append(i)
+  return {c: np.asarray(v, np.int64) for c, v in index.items()}
+
+
+def _draw_supports(class_images: np.ndarray, query: int, shot: int,
+                   rng: np.random.Generator, class_id: int) -> tuple[int, ...]:
+  """K distinct images of the class, query excluded, uniformly without replacement."""
+  pos = int(np.searchsorted(class_images, query))
+  if pos < len(class_images) and class_images[pos] == query:
+    candidates = np.delete(class_images, pos)
+  else:
+    candidates = class_images
+  if len(candidates) < shot:
+    raise ValueError(
+        f"class {class_id} is eligible in only {len(candidates)} images besides query "
+        f"record {query}; a {shot}-shot episode needs {shot}")
+  picks = rng.choice(len(candidates), size=shot, replace=False)
+  return tuple(int(candidates[p]) for p in picks)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSampler:
+  """Training episodes over a split (see the module docstring).
+
+  Attributes:
+    queries: int64 (N,) record indices of the query list, ascending.
+    query_classes: for each query, its eligible base classes (ascending).
+    class_images: base class id -> int64 record indices where it is eligible.
+    shot: K.
+  """
+  queries: np.ndarray
+  query_classes: tuple[tuple[int, ...], ...]
+  class_images: Mapping[int, np.ndarray]
+  shot: int
+
+  def __len__(self) -> int:
+    return len(self.queries)
+
+  def sample(self, position: int, rng: np.random.Generator) -> Episode:
+    """Episode for query list entry `position` (mod N); draws: class, then supports."""
+    position = int(position) % len(self.queries)
+    query = int(self.queries[position])
+    choices = self.query_classes[position]
+    class_id = choices[int(rng.integers(len(choices)))]
+    supports = _draw_supports(self.class_images[class_id], query, self.shot, rng,
+                              class_id)
+    return Episode(query, supports, class_id)
+
+
+def train_episode_sampler(images: Sequence[Mapping], base_classes: Collection[int],
+                          shot: int, min_pixels: int = MIN_CLASS_PIXELS) -> TrainSampler:
+  """Builds the training query list and class index from manifest image entries.
+
+  Args:
+    images: the split's manifest image entries (or {class id: pixels} dicts), record order.
+    base_classes: the fold's base (training) class ids.
+    shot: supports per episode.
+    min_pixels: eligibility threshold (the reference's 2*32*32).
+  Raises:
+    ValueError: no image qualifies, or an eligible base class has too few images to give
+      every one of its queries `shot` other supports (the reference would loop forever).
+  """
+  if shot < 1:
+    raise ValueError(f"shot must be >= 1, got {shot}")
+  base = {int(c) for c in base_classes}
+  class_images = build_class_index(images, base, min_pixels)
+  queries, query_classes = [], []
+  for i, pixels in enumerate(_pixel_table(images)):
+    eligible = eligible_classes(pixels, base, min_pixels)
+    if eligible:
+      queries.append(i)
+      query_classes.append(tuple(eligible))
+  if not queries:
+    raise ValueError(f"no image has a base class with >= {min_pixels} pixels")
+  short = {c: len(v) for c, v in class_images.items() if 0 < len(v) <= shot}
+  if short:
+    raise ValueError(
+        f"base classes {sorted(short)} are eligible in only {short} images; {shot}-shot "
+        f"training needs at least {shot + 1} per class")
+  return TrainSampler(np.asarray(queries, np.int64), tuple(query_classes),
+                      {c: v for c, v in class_images.items() if len(v)}, int(shot))
+
+
+def sample_train_episode(sampler: TrainSampler, position: int,
+                         rng: np.random.Generator) -> Episode:
+  """Functional alias of `TrainSampler.sample`."""
+  return sampler.sample(position, rng)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_episodes(images: Sequence[Mapping], novel: Collection[int], shot: int,
+                  num_episodes: int, seed: int,
+                  min_pixels: int = MIN_CLASS_PIXELS) -> list[Episode]:
+  """The evaluation episode list (§8), exactly `num_episodes` long.
+
+  Args:
+    images: the split's manifest image entries (or {class id: pixels} dicts), record order.
+    novel: the fold's novel class ids.
+    shot: supports per episode.
+    num_episodes: N.
+    seed: episode i draws from np.random.default_rng([seed, i]); other seeds give the
+      independent sets of multi-seed evaluation.
+    min_pixels: eligibility threshold.
+  Returns:
+    N episodes; episode i's query is the (i mod M)-th image with an eligible novel class.
+  """
+  if shot < 1:
+    raise ValueError(f"shot must be >= 1, got {shot}")
+  novel = {int(c) for c in novel}
+  table = _pixel_table(images)
+  class_images = build_class_index(images, novel, min_pixels)
+  queries = [i for i, px in enumerate(table) if eligible_classes(px, novel, min_pixels)]
+  if not queries:
+    raise ValueError(f"no image has a novel class {sorted(novel)} with >= {min_pixels} "
+                     "pixels")
+  episodes = []
+  for i in range(int(num_episodes)):
+    rng = np.random.default_rng([int(seed), i])
+    query = queries[i % len(queries)]
+    present = sorted(c for c, n in table[query].items() if c in novel and n > 0)
+    class_id = present[int(rng.integers(len(present)))]
+    supports = _draw_supports(class_images[class_id], query, shot, rng, class_id)
+    episodes.append(Episode(query, supports, class_id))
+  return episodes
+
+
+def eval_episode_list(manifest, split: str, fold: int, shot: int, num_episodes: int,
+                      seed: int, min_pixels: int = MIN_CLASS_PIXELS) -> list[Episode]:
+  """`eval_episodes` for fold `fold` of a loaded `schema.Manifest`."""
+  if not 0 <= fold < len(manifest.novel_folds):
+    raise ValueError(f"{manifest.path}: fold {fold} out of range "
+                     f"(dataset has {len(manifest.novel_folds)} folds)")
+  return eval_episodes(manifest.images(split), manifest.novel_folds[fold], shot,
+                       num_episodes, seed, min_pixels)
+
+
+def train_sampler_for_fold(manifest, split: str, fold: int, shot: int,
+                           min_pixels: int = MIN_CLASS_PIXELS) -> TrainSampler:
+  """`train_episode_sampler` with the base classes of fold `fold` of a Manifest."""
+  if not 0 <= fold < len(manifest.novel_folds):
+    raise ValueError(f"{manifest.path}: fold {fold} out of range "
+                     f"(dataset has {len(manifest.novel_folds)} folds)")
+  novel = set(manifest.novel_folds[fold])
+  base = [c for c in range(1, manifest.num_classes + 1) if c not in novel]
+  return train_episode_sampler(manifest.images(split), base, shot, min_pixels)
