@@ -1,0 +1,215 @@
+"""Deep-stem dilated ResNet vs a PyTorch transcription of the reference (tests/torch_resnet_ref).
+
+The forward oracle runs in float64: with batch statistics, 53 BatchNorms amplify float32
+rounding, and JAX float32 lands closer to the float64 result than PyTorch float32 does
+(layer4 rel. err ~7e-5 vs ~1e-4 with random weights).
+"""
+import copy
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from fss_jax.convert import keymap
+from fss_jax.convert import torch_import
+from fss_jax.models import resnet
+import torch_resnet_ref as ref
+
+
+def _rel_err(a, b):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return max(np.linalg.norm(a - b) / np.linalg.norm(b),
+             np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def _numpy_state_dict(model):
+  """Numpy copy; float64 tensors are cast to float32 by the importer (the template's dtype)."""
+  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def torch_r50():
+  torch.manual_seed(0)
+  return ref.randomize_(ref.DeepStemResNet(50), seed=0)
+
+
+@pytest.fixture(scope="module")
+def variables_r50(torch_r50):
+  return torch_import.backbone_variables_from_torch(_numpy_state_dict(torch_r50), 50,
+                                                    naming="asgnet")
+
+
+def _input(batch, size=65, seed=0):
+  return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+def test_forward_frozen_bn_matches_torch(torch_r50, variables_r50):
+  x = _input(1)
+  model = copy.deepcopy(torch_r50).double().eval()
+  with torch.no_grad():
+    want = {k: v.numpy() for k, v in model(torch.from_numpy(x).double()).items()}
+  got = jax.jit(lambda v, x: resnet.ResNet(50).apply(v, x, use_running_average=True))(
+      variables_r50, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  assert list(got) == list(resnet.LAYERS)
+  for name in resnet.LAYERS:
+    g = np.asarray(got[name]).transpose(0, 3, 1, 2)
+    assert g.shape == want[name].shape, name
+    assert _rel_err(g, want[name]) <= 1e-4, name
+
+
+def test_forward_batch_stats_and_running_updates_match_torch_train_mode(torch_r50,
+                                                                        variables_r50):
+  x = _input(2, seed=1)
+  model = copy.deepcopy(torch_r50).double().train()
+  with torch.no_grad():
+    want = {k: v.numpy() for k, v in model(torch.from_numpy(x).double()).items()}
+  want_vars = torch_import.backbone_variables_from_torch(_numpy_state_dict(model), 50,
+                                                         naming="asgnet")
+
+  def step(v, x):
+    return resnet.ResNet(50).apply(v, x, use_running_average=False, mutable=["batch_stats"])
+  got, updates = jax.jit(step)(variables_r50, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  for name in resnet.LAYERS:
+    assert _rel_err(np.asarray(got[name]).transpose(0, 3, 1, 2), want[name]) <= 1e-4, name
+
+  got_stats = flax.traverse_util.flatten_dict(updates["batch_stats"])
+  want_stats = flax.traverse_util.flatten_dict(want_vars["batch_stats"])
+  old_stats = flax.traverse_util.flatten_dict(variables_r50["batch_stats"])
+  assert set(got_stats) == set(want_stats)
+  for path, want_value in want_stats.items():
+    if path[-1] == "num_batches_tracked":
+      assert int(got_stats[path]) == int(want_value) == int(old_stats[path]) + 1, path
+    else:
+      assert not np.allclose(want_value, old_stats[path]), path  # the update did happen
+      assert _rel_err(got_stats[path], want_value) <= 1e-4, path
+
+
+def _bn_pair(c, seed):
+  g = torch.Generator().manual_seed(seed)
+  bn = torch.nn.BatchNorm2d(c)
+  with torch.no_grad():
+    bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+    bn.bias.copy_(torch.randn(c, generator=g))
+    bn.running_mean.copy_(torch.randn(c, generator=g))
+    bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+  variables = {
+      "params": {"scale": bn.weight.detach().numpy().copy(),
+                 "bias": bn.bias.detach().numpy().copy()},
+      "batch_stats": {"mean": bn.running_mean.numpy().copy(),
+                      "var": bn.running_var.numpy().copy(),
+                      "num_batches_tracked": np.zeros((), np.int32)}}
+  return bn, variables
+
+
+def test_torch_batchnorm_train_steps_match_torch():
+  bn, variables = _bn_pair(5, seed=3)
+  bn.train()
+  module = resnet.TorchBatchNorm()
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    x = (rng.standard_normal((3, 4, 6, 5)) * 2 + 1).astype(np.float32)  # NHWC
+    with torch.no_grad():
+      want = bn(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    got, upd = module.apply(variables, jnp.asarray(x), use_running_average=False,
+                            mutable=["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": upd["batch_stats"]}
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], bn.running_mean.numpy(), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], bn.running_var.numpy(), rtol=1e-5,
+                               atol=1e-6)
+  assert int(variables["batch_stats"]["num_batches_tracked"]) == 3
+  assert int(bn.num_batches_tracked) == 3
+  assert variables["batch_stats"]["num_batches_tracked"].dtype == jnp.int32
+
+
+def test_torch_batchnorm_eval_and_non_mutable_modes():
+  bn, variables = _bn_pair(4, seed=4)
+  x = np.random.default_rng(1).standard_normal((2, 3, 3, 4)).astype(np.float32)
+  module = resnet.TorchBatchNorm()
+  bn.eval()
+  with torch.no_grad():
+    want = bn(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(module.apply(variables, x, use_running_average=True), want,
+                             rtol=1e-5, atol=1e-5)
+  # Batch statistics without a mutable collection: normalises, updates nothing.
+  y = module.apply(variables, x, use_running_average=False)
+  mean = x.mean((0, 1, 2))
+  var = x.var((0, 1, 2))
+  direct = ((x - mean) / np.sqrt(var + 1e-5) * variables["params"]["scale"]
+            + variables["params"]["bias"])
+  np.testing.assert_allclose(y, direct, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="more than 1 value"):
+    module.apply(variables, x[:1, :1, :1], use_running_average=False)
+
+
+def test_init_creates_fresh_stats_without_updating():
+  v = resnet.TorchBatchNorm().init(jax.random.PRNGKey(0), jnp.ones((2, 3, 3, 4)),
+                                   use_running_average=False)
+  np.testing.assert_array_equal(v["batch_stats"]["mean"], np.zeros(4))
+  np.testing.assert_array_equal(v["batch_stats"]["var"], np.ones(4))
+  assert int(v["batch_stats"]["num_batches_tracked"]) == 0
+  assert v["params"]["scale"].dtype == jnp.float32
+
+
+def test_473_gives_60_and_upto(variables_r50):
+  assert resnet.resnet_output_stride_size(473) == 60
+  assert resnet.resnet_output_stride_size(641) == 81
+  x = jax.ShapeDtypeStruct((2, 473, 473, 3), jnp.float32)
+  out = jax.eval_shape(lambda v, x: resnet.ResNet(50).apply(v, x), variables_r50, x)
+  assert {k: v.shape for k, v in out.items()} == {
+      "layer0": (2, 119, 119, 128), "layer1": (2, 119, 119, 256), "layer2": (2, 60, 60, 512),
+      "layer3": (2, 60, 60, 1024), "layer4": (2, 60, 60, 2048)}
+  out = jax.eval_shape(lambda v, x: resnet.ResNet(50).apply(v, x, upto="layer2"),
+                       variables_r50, x)
+  assert list(out) == ["layer0", "layer1", "layer2"]
+
+
+@pytest.mark.parametrize("size", [472, 474, 64, 1])
+def test_input_size_must_be_8k_plus_1(size, variables_r50):
+  with pytest.raises(ValueError, match="8k\\+1"):
+    resnet.resnet_output_stride_size(size)
+  x = jax.ShapeDtypeStruct((1, size, 65, 3), jnp.float32)
+  with pytest.raises(ValueError, match="8k\\+1"):
+    jax.eval_shape(lambda v, x: resnet.ResNet(50).apply(v, x), variables_r50, x)
+
+
+def test_bad_arguments(variables_r50):
+  x = jax.ShapeDtypeStruct((1, 65, 65, 3), jnp.float32)
+  with pytest.raises(ValueError, match="upto"):
+    jax.eval_shape(lambda v, x: resnet.ResNet(50).apply(v, x, upto="layer5"), variables_r50, x)
+  with pytest.raises(ValueError, match="depth"):
+    jax.eval_shape(resnet.ResNet(34).init, jax.random.PRNGKey(0), x)
+
+
+def test_bfloat16_compute_keeps_float32_params(variables_r50):
+  model = resnet.ResNet(50, dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((1, 65, 65, 3), jnp.float32)
+  v = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(v["params"]))
+  out = jax.eval_shape(model.apply, v, x)
+  assert all(o.dtype == jnp.bfloat16 for o in out.values())
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_variables_match_torch_keys_shapes_and_order(depth):
+  """Key-level check (no forward): every torch tensor has exactly one Flax variable."""
+  template = torch_import.resnet_template(depth)
+  mapping = keymap.torch_key_map(template, "asgnet", None)
+  with torch.device("meta"):
+    model = ref.DeepStemResNet(depth)
+  want = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+  got = [(k, keymap.torch_shape(path[-1], tuple(leaf.shape)))
+         for k, (_, path, leaf) in mapping.items()]
+  assert got == want
+  n_params = sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(template["params"]))
+  assert n_params == sum(p.numel() for p in model.parameters())
+  if depth == 101:
+    assert "layer3_22" in template["params"] and "layer3_23" not in template["params"]
+    x = jax.ShapeDtypeStruct((1, 473, 473, 3), jnp.float32)
+    out = jax.eval_shape(resnet.ResNet(101).apply, template, x)
+    assert out["layer3"].shape == (1, 60, 60, 1024)
