@@ -3,8 +3,8 @@
 Reference (``tool/train.py``, ``util/util.py: poly_learning_rate``):
   * only the head's parameters are given to ``torch.optim.SGD``; the backbone has
     ``requires_grad=False``;
-  * ``torch.optim.SGD`` adds ``weight_decay · p`` to the gradient *before* the momentum buffer
-    (``buf = momentum · buf + g``, first step ``buf = g``; ``p -= lr · buf``). That is
+  * ``torch.optim.SGD`` adds ``weight_decay · p`` to the gradient *before* the momentum
+    buffer (``buf = momentum · buf + g``, first step ``buf = g``; ``p -= lr · buf``). That is
     ``optax.chain(add_decayed_weights(wd), sgd(lr, momentum))``; the decay also applies to biases;
   * the rate is set before every step to ``base_lr · (1 − it / max_iter)^0.9 · 10`` with a 1-based
     ``it`` (the k-th update, k = 0, 1, ..., uses it = k + 1, so the last update uses rate 0). Our
