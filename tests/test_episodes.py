@@ -83,12 +83,17 @@ def test_train_sample_is_deterministic_in_rng():
   assert a != c
 
 
-def test_train_too_few_images_is_a_clear_error():
-  table = [{1: BIG}, {1: BIG}, {2: BIG}, {2: BIG}, {2: BIG}]
-  with pytest.raises(ValueError, match=r"base classes \[1\]"):
-    E.train_episode_sampler(_images(table), [1, 2], shot=2)
+def test_train_classes_too_rare_for_shot_are_left_out(caplog):
+  table = [{1: BIG}, {1: BIG, 2: BIG}, {2: BIG}, {2: BIG}, {3: 5}]
+  sampler = E.train_episode_sampler(_images(table), [1, 2, 3], shot=2)
+  assert "[1]" in caplog.text  # class 1: 2 images cannot give a query 2 others
+  assert sampler.queries.tolist() == [1, 2, 3]
+  assert sampler.query_classes == ((2,), (2,), (2,))
+  assert set(sampler.class_images) == {2}
   with pytest.raises(ValueError, match="no image"):
     E.train_episode_sampler(_images([{3: BIG}]), [1, 2], shot=1)
+  with pytest.raises(ValueError, match="no image"):
+    E.train_episode_sampler(_images([{1: BIG}]), [1], shot=1)
 
 
 def _oracle_eval(table, novel, shot, n, seed):
@@ -155,7 +160,12 @@ def test_eval_episode_list_from_manifest():
     E.eval_episode_list(manifest, "val", 2, 1, 30, seed=5)
 
 
-def test_eval_too_few_supports_is_a_clear_error():
-  table = [{4: BIG}, {1: BIG}]
-  with pytest.raises(ValueError, match="class 4"):
-    E.eval_episodes(_images(table), [4], 1, 3, seed=0)
+def test_eval_classes_without_supports_are_not_drawn(caplog):
+  # Query 0 has 4 (eligible, 2 other images) and 5 (present; no other image of 5).
+  table = [{4: BIG, 5: BIG}, {4: BIG}, {4: BIG}, {1: BIG}]
+  eps = E.eval_episodes(_images(table), [4, 5], 1, 30, seed=0)
+  assert "[5]" in caplog.text
+  assert {e.class_id for e in eps} == {4}
+  assert [e.query for e in eps[:3]] == [0, 1, 2]
+  with pytest.raises(ValueError, match="no image"):
+    E.eval_episodes(_images([{4: BIG}, {1: BIG}]), [4], 1, 3, seed=0)

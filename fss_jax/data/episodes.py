@@ -16,10 +16,17 @@ novel class, cycling, one episode per image; the class is drawn among all novel 
 eligible. Episode i draws from `np.random.default_rng([seed, i])`, so an episode list is a
 pure function of (dataset, novel classes, shot, seed, i) and a longer list extends a
 shorter one. The reference's loop lets N+1 episodes through; here N means N.
+
+Small datasets: a class eligible in too few images to give a query K *other* supports
+cannot form an episode (the reference would loop forever or crash). Such a class is left
+out of the draw (training: for every query; evaluation: for the queries where it lacks
+supports), queries left without a class are skipped, and a warning names the classes.
+Standard benchmarks never hit this.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
@@ -131,28 +138,29 @@ def train_episode_sampler(images: Sequence[Mapping], base_classes: Collection[in
     shot: supports per episode.
     min_pixels: eligibility threshold (the reference's 2*32*32).
   Raises:
-    ValueError: no image qualifies, or an eligible base class has too few images to give
-      every one of its queries `shot` other supports (the reference would loop forever).
+    ValueError: no image has a usable base class.
   """
   if shot < 1:
     raise ValueError(f"shot must be >= 1, got {shot}")
   base = {int(c) for c in base_classes}
   class_images = build_class_index(images, base, min_pixels)
+  short = {c: len(v) for c, v in class_images.items() if 0 < len(v) <= shot}
+  if short:
+    logging.warning(
+        "base classes %s are eligible in only %s images; %d-shot episodes need %d: "
+        "they are not used as training classes", sorted(short), short, shot, shot + 1)
+  usable = {c for c, v in class_images.items() if len(v) > shot}
   queries, query_classes = [], []
   for i, pixels in enumerate(_pixel_table(images)):
-    eligible = eligible_classes(pixels, base, min_pixels)
+    eligible = eligible_classes(pixels, usable, min_pixels)
     if eligible:
       queries.append(i)
       query_classes.append(tuple(eligible))
   if not queries:
-    raise ValueError(f"no image has a base class with >= {min_pixels} pixels")
-  short = {c: len(v) for c, v in class_images.items() if 0 < len(v) <= shot}
-  if short:
-    raise ValueError(
-        f"base classes {sorted(short)} are eligible in only {short} images; {shot}-shot "
-        f"training needs at least {shot + 1} per class")
+    raise ValueError(f"no image has a base class with >= {min_pixels} pixels that is "
+                     f"eligible in at least {shot + 1} images")
   return TrainSampler(np.asarray(queries, np.int64), tuple(query_classes),
-                      {c: v for c, v in class_images.items() if len(v)}, int(shot))
+                      {c: class_images[c] for c in sorted(usable)}, int(shot))
 
 
 def sample_train_episode(sampler: TrainSampler, position: int,
@@ -185,15 +193,33 @@ def eval_episodes(images: Sequence[Mapping], novel: Collection[int], shot: int,
   novel = {int(c) for c in novel}
   table = _pixel_table(images)
   class_images = build_class_index(images, novel, min_pixels)
-  queries = [i for i, px in enumerate(table) if eligible_classes(px, novel, min_pixels)]
+
+  def others(c, q):  # eligible images of class c other than q
+    arr = class_images[c]
+    pos = int(np.searchsorted(arr, q))
+    return len(arr) - int(pos < len(arr) and arr[pos] == q)
+
+  queries, drawable, left_out = [], [], set()
+  for q, px in enumerate(table):
+    if not eligible_classes(px, novel, min_pixels):
+      continue
+    present = sorted(c for c, n in px.items() if c in novel and n > 0)
+    ok = tuple(c for c in present if others(c, q) >= shot)
+    left_out.update(set(present) - set(ok))
+    if ok:
+      queries.append(q)
+      drawable.append(ok)
+  if left_out:
+    logging.warning("novel classes %s lack %d-shot supports for some queries and are "
+                    "not drawn there", sorted(left_out), shot)
   if not queries:
     raise ValueError(f"no image has a novel class {sorted(novel)} with >= {min_pixels} "
-                     "pixels")
+                     f"pixels and {shot} other images to support it")
   episodes = []
   for i in range(int(num_episodes)):
     rng = np.random.default_rng([int(seed), i])
     query = queries[i % len(queries)]
-    present = sorted(c for c, n in table[query].items() if c in novel and n > 0)
+    present = drawable[i % len(queries)]
     class_id = present[int(rng.integers(len(present)))]
     supports = _draw_supports(class_images[class_id], query, shot, rng, class_id)
     episodes.append(Episode(query, supports, class_id))

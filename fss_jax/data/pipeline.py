@@ -1,0 +1,277 @@
+"""Grain pipelines of few-shot episodes: TFRecord records -> augmented, batched arrays.
+
+Training: `MapDataset.range(N).shuffle(seed).repeat()` over the training query list
+(a new permutation each epoch), tagged with its global position p, sliced per process
+(`[process_index::process_count]`), then each position becomes an episode drawn from
+`np.random.default_rng([seed, p])`: episode class and supports first (episodes.py), then
+the query's augmentation, then each support's (transforms.py). A batch is therefore a pure
+function of (dataset, fold, shot, size, seed, batch number, process slice): the same for
+any worker count, and resumable from the iterator's `get_state()` (which holds only the
+next batch number, plus per-worker positions with `mp_prefetch`).
+
+Evaluation: the fixed list of `episodes.eval_episodes` (exactly N), sliced per process and
+padded so that every process yields the same number of full batches; padding rows repeat
+episode 0 and carry `valid == False`.
+
+Element layout (batched, B = per-process batch size, K = shot, S = image size):
+  query        float32 (B, S, S, 3)   normalised RGB
+  query_label  int32   (B, S, S)      {0 background, 1 class, 255 ignore}
+  supp_images  float32 (B, K, S, S, 3)
+  supp_labels  int32   (B, K, S, S)
+  class_id     int32   (B,)
+  index        int64   (B,)           global episode index (train: stream position)
+  query_record int64   (B,)           record index of the query in its split
+  supp_records int64   (B, K)
+and for evaluation also
+  valid        bool    (B,)
+  orig_label   int32   (B, M, M)      (optional) binary label at the original size,
+                                      top-left, padded with 255 (the reference compares
+                                      against the max(H, W) square: crop [:L, :L])
+  orig_size    int32   (B, 2)         (optional) original (H, W)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from absl import flags
+import cv2
+import grain
+import numpy as np
+
+from fss_jax.data import episodes as episodes_lib
+from fss_jax.data import schema
+from fss_jax.data import tfrecord
+from fss_jax.data import transforms
+
+PER_WORKER_BUFFER = 2
+
+
+def decode_record(record: bytes) -> tuple[np.ndarray, np.ndarray]:
+  """Record bytes -> (image uint8 (H, W, 3) RGB, label uint8 (H, W) class ids)."""
+  ex = schema.decode_example(record)
+  image = schema.decode_image(ex["image_bytes"])
+  label = schema.decode_label(ex["label_png"])
+  if image.shape[:2] != label.shape:
+    raise ValueError(f"record {ex['id']!r}: image {image.shape[:2]} and label "
+                     f"{label.shape} differ in size")
+  return image, label
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  del worker_index, worker_count
+  # Workers already split the cores between them; OpenCV's own pool would oversubscribe.
+  cv2.setNumThreads(1)
+
+
+def _stack(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class _TagPosition:
+  """(global position, query-list entry): the position seeds the episode."""
+
+  def __call__(self, position: int, entry: int) -> tuple[int, int]:
+    return int(position), int(entry)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEpisodeFn:
+  """(position, query-list entry) -> one augmented training episode (unbatched arrays)."""
+  sampler: episodes_lib.TrainSampler
+  reader: tfrecord.TFRecordReader
+  aug: transforms.TrainAugConfig
+  seed: int
+
+  def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+    position, entry = item
+    rng = np.random.default_rng([self.seed, position])
+    ep = self.sampler.sample(entry, rng)
+    query, query_label = self._load(ep.query, ep.class_id, rng)
+    supports = [self._load(s, ep.class_id, rng) for s in ep.supports]
+    return {
+        "query": query,
+        "query_label": query_label.astype(np.int32),
+        "supp_images": np.stack([s[0] for s in supports]),
+        "supp_labels": np.stack([s[1] for s in supports]).astype(np.int32),
+        "class_id": np.int32(ep.class_id),
+        "index": np.int64(position),
+        "query_record": np.int64(ep.query),
+        "supp_records": np.asarray(ep.supports, np.int64),
+    }
+
+  def _load(self, record_index: int, class_id: int, rng: np.random.Generator):
+    image, label = decode_record(self.reader[record_index])
+    return transforms.train_transform(image, transforms.binarize_label(label, class_id),
+                                      rng, self.aug)
+
+
+def _read_options(threads: int) -> grain.ReadOptions:
+  # Grain's default (16 threads, 500 elements ahead) would hold hundreds of batches.
+  return grain.ReadOptions(num_threads=max(int(threads), 1),
+                           prefetch_buffer_size=max(2 * int(threads), 2))
+
+
+def _prefetch(ds: grain.MapDataset, num_workers: int, read_threads: int):
+  it_ds = ds.to_iter_dataset(_read_options(read_threads))
+  if num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # Grain's worker processes read absl flags; outside absl.app (tests, notebooks,
+      # plain scripts) nothing parsed them, so accept the defaults.
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=int(num_workers),
+                                     per_worker_buffer_size=PER_WORKER_BUFFER),
+        worker_init_fn=_worker_init)
+  return it_ds
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
+                     f"{process_count}")
+
+
+def train_episodes(dataset_dir: str, fold: int, shot: int, image_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1, *,
+                   split: str = "train",
+                   aug: transforms.TrainAugConfig | None = None,
+                   min_pixels: int = episodes_lib.MIN_CLASS_PIXELS) -> grain.MapDataset:
+  """Infinite MapDataset of unbatched training episodes for this process's slice."""
+  _check_process(process_index, process_count)
+  transforms.check_size(image_size)
+  aug = dataclasses.replace(aug or transforms.TrainAugConfig(), size=image_size)
+  manifest = schema.load_manifest(dataset_dir)
+  sampler = episodes_lib.train_sampler_for_fold(manifest, split, fold, shot, min_pixels)
+  reader = manifest.source(split).reader
+  ds = grain.MapDataset.range(len(sampler)).shuffle(seed=seed % 2**32).repeat()
+  ds = ds.map_with_index(_TagPosition())
+  ds = ds[process_index::process_count]
+  return ds.map(TrainEpisodeFn(sampler, reader, aug, int(seed)))
+
+
+def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: int,
+                  batch_size: int, process_index: int = 0, process_count: int = 1,
+                  num_workers: int = 0, *, split: str = "train",
+                  aug: transforms.TrainAugConfig | None = None,
+                  min_pixels: int = episodes_lib.MIN_CLASS_PIXELS,
+                  read_threads: int = 1) -> grain.IterDataset:
+  """Infinite stream of training batches (see the module docstring for the layout).
+
+  Args:
+    dataset_dir: converted dataset (manifest.json + shards).
+    fold: which novel classes to hold out (manifest folds).
+    shot: supports per episode.
+    image_size: S, 8k+1.
+    seed: shuffling and every episode's randomness.
+    batch_size: episodes per batch on this process (the global batch is
+      batch_size * process_count).
+    process_index, process_count: this host's disjoint slice of the episode stream.
+    num_workers: Grain `mp_prefetch` worker processes (0: in-process).
+    split: manifest split to sample from.
+    aug: augmentation settings (size is overridden by image_size).
+    min_pixels: class eligibility threshold.
+    read_threads: Grain read threads per process.
+  Returns:
+    IterDataset; `iter()` gives a DatasetIterator with get_state()/set_state().
+  """
+  ds = train_episodes(dataset_dir, fold, shot, image_size, seed, process_index,
+                      process_count, split=split, aug=aug, min_pixels=min_pixels)
+  ds = ds.batch(int(batch_size), drop_remainder=True, batch_fn=_stack)
+  return _prefetch(ds, num_workers, read_threads)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalEpisodeFn:
+  """Local slot -> one evaluation episode (unbatched arrays) of this process's slice."""
+  episodes: tuple[episodes_lib.Episode, ...]
+  reader: tfrecord.TFRecordReader
+  image_size: int
+  process_index: int
+  process_count: int
+  orig_label_size: int | None
+
+  def __call__(self, slot: int) -> dict[str, np.ndarray]:
+    index = self.process_index + self.process_count * int(slot)
+    valid = index < len(self.episodes)
+    ep = self.episodes[index if valid else 0]
+    image, label = decode_record(self.reader[ep.query])
+    label = transforms.binarize_label(label, ep.class_id)
+    query, query_label = transforms.eval_resize(image, label, self.image_size)
+    supports = []
+    for s in ep.supports:
+      s_image, s_label = decode_record(self.reader[s])
+      supports.append(transforms.eval_resize(
+          s_image, transforms.binarize_label(s_label, ep.class_id), self.image_size))
+    out = {
+        "query": query,
+        "query_label": query_label.astype(np.int32),
+        "supp_images": np.stack([s[0] for s in supports]),
+        "supp_labels": np.stack([s[1] for s in supports]).astype(np.int32),
+        "class_id": np.int32(ep.class_id),
+        "index": np.int64(index),
+        "query_record": np.int64(ep.query),
+        "supp_records": np.asarray(ep.supports, np.int64),
+        "valid": np.bool_(valid),
+    }
+    if self.orig_label_size is not None:
+      out["orig_label"] = transforms.pad_label(label, self.orig_label_size).astype(np.int32)
+      out["orig_size"] = np.asarray(label.shape, np.int32)
+    return out
+
+
+def eval_batches_per_process(num_episodes: int, batch_size: int,
+                             process_count: int = 1) -> int:
+  """Batches every process yields for N episodes (the same on all processes)."""
+  per_process = math.ceil(num_episodes / process_count)
+  return math.ceil(per_process / batch_size)
+
+
+def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: int,
+                 batch_size: int, num_episodes: int, process_index: int = 0,
+                 process_count: int = 1, num_workers: int = 0, *, split: str = "val",
+                 original_label: bool = False, orig_label_size: int | None = None,
+                 min_pixels: int = episodes_lib.MIN_CLASS_PIXELS,
+                 read_threads: int = 1) -> grain.IterDataset:
+  """Finite stream of evaluation batches over exactly `num_episodes` episodes.
+
+  Episode i (of `episodes.eval_episodes(..., seed)`) goes to process i % process_count.
+  Every process yields `eval_batches_per_process(...)` full batches; rows past the end have
+  valid == False.
+
+  Args:
+    dataset_dir, fold, shot, image_size, seed, batch_size, process_index, process_count,
+    num_workers, split, min_pixels, read_threads: as in `train_dataset` (seed picks the
+      episode set; the reference uses 321).
+    num_episodes: N (the reference: 1000 PASCAL, 20000 COCO).
+    original_label: also return orig_label / orig_size for original-size evaluation.
+    orig_label_size: side M of orig_label; default: the largest side in the split.
+  """
+  _check_process(process_index, process_count)
+  transforms.check_size(image_size)
+  manifest = schema.load_manifest(dataset_dir)
+  eps = episodes_lib.eval_episode_list(manifest, split, fold, shot, num_episodes, seed,
+                                       min_pixels)
+  reader = manifest.source(split).reader
+  size = None
+  if original_label:
+    size = orig_label_size or max(max(im["height"], im["width"])
+                                  for im in manifest.images(split))
+  slots = eval_batches_per_process(num_episodes, batch_size, process_count) * batch_size
+  fn = EvalEpisodeFn(tuple(eps), reader, image_size, process_index, process_count, size)
+  ds = grain.MapDataset.range(slots).map(fn)
+  ds = ds.batch(int(batch_size), drop_remainder=True, batch_fn=_stack)
+  return _prefetch(ds, num_workers, read_threads)
+
+
+def describe_batch(batch: dict[str, Any]) -> dict[str, tuple]:
+  """{key: (shape, dtype)} of a batch, for logs."""
+  return {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items()}
