@@ -1,0 +1,1 @@
+"""Experiment configs: one ``get_config(arg)`` per file (see ``fss_jax/configs_lib.py``)."""

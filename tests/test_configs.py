@@ -1,0 +1,168 @@
+"""Tests for configs/*.py and fss_jax.configs_lib (arg parsing, validation, absl overrides)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fss_jax import configs_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ["pascal_asgnet", "coco_asgnet", "synthetic_asgnet", "tiny_asgnet"]
+
+
+def _load(name, arg=None):
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  return configs_lib.load_config(f"{path}:{arg}" if arg else path)
+
+
+def _flat_keys(config, prefix=""):
+  keys = set()
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      keys |= _flat_keys(v, f"{prefix}{k}.")
+    else:
+      keys.add(f"{prefix}{k}")
+  return keys
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_each_config_loads_with_and_without_args(name):
+  default = _load(name)
+  assert default.model.name == "asgnet"
+  assert (default.data.image_size - 1) % 8 == 0
+  assert default.data.fold == 0 and default.data.shot == 1
+  args = _load(name, "fold=3,shot=5,depth=101")
+  assert (args.data.fold, args.data.shot, args.model.depth) == (3, 5, 101)
+  # Every file keeps the base layout; the synthetic ones only add the generator settings.
+  base = _flat_keys(configs_lib.asgnet_base_config())
+  extra = _flat_keys(default) - base
+  assert base <= _flat_keys(default)
+  assert extra <= {"data.synthetic.num_train", "data.synthetic.num_val",
+                   "data.synthetic.source_size", "data.synthetic.seed"}
+  json.loads(default.to_json_best_effort())
+
+
+def test_reference_values():
+  pascal = _load("pascal_asgnet")
+  assert pascal.data.dataset == "pascal5i" and pascal.data.image_size == 473
+  assert pascal.data.train_batch_size == 4 and pascal.data.eval_episodes == 1000
+  assert pascal.data.scale == (0.9, 1.1) and pascal.data.seed == 321
+  assert pascal.model.bins == (60, 30, 15, 8) and pascal.model.backbone == "resnet"
+  assert pascal.train.lr == pytest.approx(0.0025 * 10) and pascal.train.epochs == 200
+  assert pascal.train.momentum == 0.9 and pascal.train.weight_decay == 1e-4
+  assert pascal.train.frozen_keys == ("backbone",)
+  coco = _load("coco_asgnet")
+  assert coco.data.image_size == 641 and coco.data.train_batch_size == 8
+  assert coco.train.lr == pytest.approx(0.005 * 10) and coco.train.epochs == 50
+  assert coco.data.scale == (0.8, 1.25) and coco.model.bins == (1.0, 0.5, 0.25, 0.125)
+  assert coco.data.eval_episodes == 20000
+  synthetic = _load("synthetic_asgnet")
+  assert synthetic.model.backbone == "resnet_small" and synthetic.train.total_steps > 0
+  assert _load("synthetic_asgnet", "backbone=resnet101").model.backbone == "resnet"
+  tiny = _load("tiny_asgnet")
+  assert tiny.data.image_size == 65 and tiny.data.train_batch_size == 2
+  assert tiny.train.total_steps <= 10
+
+
+def test_backbone_arg():
+  c = _load("pascal_asgnet", "backbone=resnet101")
+  assert (c.model.backbone, c.model.depth) == ("resnet", 101)
+  with pytest.raises(ValueError, match="disagree"):
+    _load("pascal_asgnet", "backbone=resnet50,depth=101")
+  with pytest.raises(ValueError, match="allowed: resnet50, resnet101"):
+    _load("pascal_asgnet", "backbone=resnet_small")
+  with pytest.raises(ValueError, match="depth=34"):
+    _load("coco_asgnet", "depth=34")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_bad_arg_key_lists_allowed_keys(name):
+  with pytest.raises(ValueError, match=r"Unknown config argument key 'folds'.*allowed keys: "
+                                       r"backbone, depth, fold, shot"):
+    _load(name, "folds=1")
+
+
+def test_parse_arg():
+  defaults = {"fold": 0, "lr": 0.1, "flag": False, "name": "x"}
+  assert configs_lib.parse_arg(None, defaults) == defaults
+  assert configs_lib.parse_arg("", defaults) == defaults
+  got = configs_lib.parse_arg(" fold=2, lr=1e-3,flag=true,name=abc ,", defaults)
+  assert got == {"fold": 2, "lr": 1e-3, "flag": True, "name": "abc"}
+  assert isinstance(got["fold"], int) and isinstance(got["lr"], float)
+  with pytest.raises(ValueError, match="key=value"):
+    configs_lib.parse_arg("fold", defaults)
+  with pytest.raises(ValueError, match=r"fold='two': expected a int"):
+    configs_lib.parse_arg("fold=two", defaults)
+  with pytest.raises(ValueError, match="flag='maybe'"):
+    configs_lib.parse_arg("flag=maybe", defaults)
+  with pytest.raises(ValueError, match="given twice"):
+    configs_lib.parse_arg("fold=1,fold=2", defaults)
+
+
+def test_validation():
+  with pytest.raises(ValueError, match=r"config.data.fold = 4"):
+    _load("pascal_asgnet", "fold=4")
+  with pytest.raises(ValueError, match="data.shot"):
+    _load("pascal_asgnet", "shot=0")
+  c = _load("pascal_asgnet")
+  c.data.image_size = 472
+  with pytest.raises(ValueError, match="8k\\+1"):
+    configs_lib.validate_config(c)
+  c = _load("pascal_asgnet")
+  c.model.bn_mode = "train"
+  with pytest.raises(ValueError, match="bn_mode"):
+    configs_lib.validate_config(c)
+  with pytest.raises(FileNotFoundError, match="nope.py"):
+    configs_lib.load_config("configs/nope.py")
+
+
+_ABSL_SCRIPT = textwrap.dedent("""
+    from absl import app
+    from ml_collections import config_flags
+    _CONFIG = config_flags.DEFINE_config_file("config")
+
+    def main(argv):
+      print("CONFIG_JSON=" + _CONFIG.value.to_json_best_effort())
+
+    if __name__ == "__main__":
+      app.run(main)
+""")
+
+
+def _run_absl(tmp_path, *flags):
+  script = tmp_path / "show_config.py"
+  script.write_text(_ABSL_SCRIPT)
+  return subprocess.run([sys.executable, str(script), *flags], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, check=False)
+
+
+def _config_json(out):
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = [l for l in out.stdout.splitlines() if l.startswith("CONFIG_JSON=")][0]
+  return json.loads(line[len("CONFIG_JSON="):])
+
+
+def test_absl_config_flags_overrides(tmp_path):
+  out = _run_absl(tmp_path, "--config=configs/pascal_asgnet.py:fold=1,shot=5,backbone=resnet101",
+                  "--config.train.lr=0.01", "--config.data.scale=(0.8,1.2)",
+                  "--config.data.data_dir=/tmp/voc", "--config.model.bn_mode=batch_stats")
+  c = _config_json(out)
+  assert (c["data"]["fold"], c["data"]["shot"], c["model"]["depth"]) == (1, 5, 101)
+  assert c["train"]["lr"] == 0.01 and c["data"]["scale"] == [0.8, 1.2]
+  assert c["data"]["data_dir"] == "/tmp/voc" and c["model"]["bn_mode"] == "batch_stats"
+  assert c["train"]["weight_decay"] == 1e-4  # untouched
+
+
+def test_absl_rejects_unknown_override_and_bad_arg(tmp_path):
+  out = _run_absl(tmp_path, "--config=configs/tiny_asgnet.py", "--config.train.learning_rate=1")
+  assert out.returncode != 0
+  assert "learning_rate" in out.stderr
+  out = _run_absl(tmp_path, "--config=configs/tiny_asgnet.py", "--config.data.fold=abc")
+  assert out.returncode != 0 and "fold" in out.stderr
+  out = _run_absl(tmp_path, "--config=configs/coco_asgnet.py:split=1")
+  assert out.returncode != 0
+  assert "Unknown config argument key 'split'" in out.stderr
+  assert "allowed keys: backbone, depth, fold, shot" in out.stderr
