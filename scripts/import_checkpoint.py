@@ -1,0 +1,43 @@
+"""Reference ASGNet checkpoint (.pth/.safetensors, ``module.``/``state_dict`` wrapping ok) →
+our msgpack variables.
+
+  python scripts/import_checkpoint.py --input asgnet_fold0.pth --depth 50 --output model.msgpack
+"""
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from fss_jax.convert import io
+from fss_jax.convert import torch_import
+
+_SIZE = 65  # Parameter shapes do not depend on the input size; keep the trace small.
+
+
+def asgnet_template(depth: int):
+  """ShapeDtypeStruct variables of ASGNet(depth) via jax.eval_shape (nothing is computed)."""
+  from fss_jax.models.asgnet import ASGNet  # pylint: disable=g-import-not-at-top
+  model = ASGNet(depth=depth, bins=(60, 30, 15, 8))
+  query = jax.ShapeDtypeStruct((1, _SIZE, _SIZE, 3), jnp.float32)
+  supp_images = jax.ShapeDtypeStruct((1, 1, _SIZE, _SIZE, 3), jnp.float32)
+  supp_labels = jax.ShapeDtypeStruct((1, 1, _SIZE, _SIZE), jnp.int32)
+  init = lambda q, si, sl: model.init(jax.random.PRNGKey(0), q, si, sl, train=False)
+  return jax.eval_shape(init, query, supp_images, supp_labels)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--input", required=True, help="reference checkpoint .pth/.safetensors")
+  parser.add_argument("--depth", type=int, default=50, choices=(50, 101))
+  parser.add_argument("--output", required=True, help="output .msgpack")
+  args = parser.parse_args(argv)
+  state_dict = torch_import.load_state_dict(args.input)
+  variables = torch_import.model_variables_from_torch(state_dict, asgnet_template(args.depth),
+                                                      source=args.input)
+  io.save_variables(args.output, variables)
+  n = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
+  print(f"wrote {args.output}: ASGNet ResNet-{args.depth}, {n:,} parameters")
+
+
+if __name__ == "__main__":
+  main()
