@@ -11,6 +11,9 @@ Features of one record:
   image/id            bytes   utf-8 image id
   image/height, image/width  int64
   label/encoded       bytes   PNG of the uint8 (H, W) label map: 0 background, 1..C, 255 ignore
+                              (16-bit PNG / uint16 only when a dataset has more than 254
+                              classes, e.g. FSS-1000; id 255 stays "ignore" and is never a
+                              class there)
   label/classes       int64[] class ids present (ascending, excluding 0 and 255)
   label/class_pixels  int64[] pixel count of each of those classes
 """
@@ -122,17 +125,20 @@ def decode_image(image_bytes: bytes) -> np.ndarray:
 
 
 def decode_label(label_png: bytes) -> np.ndarray:
-  """Decodes a label PNG written by `encode_label_png` to uint8 (H, W)."""
+  """Decodes a label PNG written by `encode_label_png` to uint8 (H, W).
+
+  (uint16 (H, W) for the 16-bit labels of datasets with more than 254 classes.)
+  """
   label = cv2.imdecode(np.frombuffer(label_png, np.uint8), cv2.IMREAD_UNCHANGED)
-  if label is None or label.ndim != 2 or label.dtype != np.uint8:
-    raise ValueError("label/encoded is not a single-channel 8-bit PNG")
+  if label is None or label.ndim != 2 or label.dtype not in (np.uint8, np.uint16):
+    raise ValueError("label/encoded is not a single-channel 8- or 16-bit PNG")
   return label
 
 
 def encode_label_png(label: np.ndarray) -> bytes:
-  """Encodes a uint8 (H, W) label map as a grayscale PNG."""
+  """Encodes a uint8 (or uint16, see module docstring) (H, W) label map as a grayscale PNG."""
   label = np.asarray(label)
-  if label.ndim != 2 or label.dtype != np.uint8:
+  if label.ndim != 2 or label.dtype not in (np.uint8, np.uint16):
     raise ValueError(f"label must be uint8 (H, W), got {label.dtype} {label.shape}")
   ok, buf = cv2.imencode(".png", np.ascontiguousarray(label), [cv2.IMWRITE_PNG_COMPRESSION, 3])
   if not ok:
@@ -141,9 +147,13 @@ def encode_label_png(label: np.ndarray) -> bytes:
 
 
 def class_pixel_counts(label: np.ndarray) -> dict[int, int]:
-  """Pixels per class present in a uint8 label map, ascending ids, excluding 0 and 255."""
-  counts = np.bincount(np.asarray(label, np.uint8).ravel(), minlength=256)
-  return {int(c): int(counts[c]) for c in np.flatnonzero(counts) if 0 < c < IGNORE_LABEL}
+  """Pixels per class present in a label map, ascending ids, excluding 0 and 255."""
+  label = np.asarray(label)
+  if label.dtype not in (np.uint8, np.uint16):
+    raise ValueError(f"label must be uint8 or uint16, got {label.dtype}")
+  counts = np.bincount(label.ravel(), minlength=256)
+  return {int(c): int(counts[c]) for c in np.flatnonzero(counts)
+          if c != 0 and c != IGNORE_LABEL}
 
 
 def sniff_image_format(data: bytes) -> str | None:
@@ -435,6 +445,32 @@ def load_manifest(dataset_dir: str | os.PathLike) -> Manifest:
 # --------------------------------------------------------------------------- writing datasets
 
 
+class LazyItems:
+  """A sized iterable of `make_item(key)` over `keys`, in order (for `write_dataset`).
+
+  With workers > 0 items are built in a process pool (order kept); `make_item` and the keys
+  must then be picklable (a module-level function or functools.partial of one).
+  """
+
+  def __init__(self, keys, make_item, *, workers: int = 0, chunksize: int = 4):
+    self._keys = list(keys)
+    self._make_item = make_item
+    self._workers = int(workers)
+    self._chunksize = chunksize
+
+  def __len__(self) -> int:
+    return len(self._keys)
+
+  def __iter__(self):
+    if self._workers <= 0 or len(self._keys) < 2:
+      for key in self._keys:
+        yield self._make_item(key)
+      return
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    with multiprocessing.get_context("spawn").Pool(self._workers) as pool:
+      yield from pool.imap(self._make_item, self._keys, chunksize=self._chunksize)
+
+
 def _example_from_item(item: Mapping[str, Any], num_classes: int, where: str):
   """Builds (record bytes, image metadata) from one converter item."""
   for key in ("image_bytes", "id"):
@@ -449,7 +485,7 @@ def _example_from_item(item: Mapping[str, Any], num_classes: int, where: str):
                      "(use normalize_image_bytes)")
   if "label" in item:
     label = np.asarray(item["label"])
-    if label.ndim != 2 or label.dtype != np.uint8:
+    if label.ndim != 2 or label.dtype not in (np.uint8, np.uint16):
       raise ValueError(f"{where}: label must be uint8 (H, W), got {label.dtype} {label.shape}")
     label_png = encode_label_png(label)
   elif "label_png" in item:
@@ -469,6 +505,9 @@ def _example_from_item(item: Mapping[str, Any], num_classes: int, where: str):
   bad = [c for c in counts if c > num_classes]
   if bad:
     raise ValueError(f"{where}: label has class ids {bad} outside 1..{num_classes} (and 255)")
+  if label.dtype == np.uint16 and num_classes <= 254:
+    raise ValueError(f"{where}: 16-bit label maps are only for datasets of more than 254 "
+                     "classes; pass uint8")
   record = encode_example(image_bytes=image_bytes, image_format=image_format,
                           image_id=image_id, height=height, width=width,
                           label_png=label_png, class_pixels=counts)
