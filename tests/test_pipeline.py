@@ -144,7 +144,6 @@ def test_two_processes_split_the_stream(dataset_dir):
       np.testing.assert_array_equal(by_index[idx][k], b[k][j], err_msg=k)
 
 
-@pytest.mark.slow
 def test_workers_match_in_process_and_resume(dataset_dir):
   want = _take(iter(_train(dataset_dir)), 5)
   it = iter(_train(dataset_dir, num_workers=2))

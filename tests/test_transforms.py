@@ -165,3 +165,21 @@ def test_check_size():
   assert T.check_size(473) == 473
   with pytest.raises(ValueError, match="8k\\+1"):
     T.check_size(472)
+
+
+def test_out_buffers_match_returned_arrays():
+  image, label = _scene(120, 90, seed=2)
+  cfg = T.TrainAugConfig(size=65)
+  img, lab = T.train_transform(image, label, np.random.default_rng(4), cfg)
+  batch_img = np.full((2, 65, 65, 3), np.nan, np.float32)
+  batch_lab = np.full((2, 65, 65), -1, np.int32)
+  T.train_transform(image, label, np.random.default_rng(4), cfg,
+                    out=(batch_img[1], batch_lab[1]))
+  np.testing.assert_array_equal(batch_img[1], img)
+  np.testing.assert_array_equal(batch_lab[1], lab)
+  T.eval_resize(image, label, 65, out=(batch_img[0], batch_lab[0]))
+  want_img, want_lab = T.eval_resize(image, label, 65)
+  np.testing.assert_array_equal(batch_img[0], want_img)
+  np.testing.assert_array_equal(batch_lab[0], want_lab)
+  with pytest.raises(ValueError, match="buffers"):
+    T.eval_resize(image, label, 97, out=(batch_img[0], batch_lab[0]))

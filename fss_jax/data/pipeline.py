@@ -2,7 +2,9 @@
 
 Training: `MapDataset.range(N).shuffle(seed).repeat()` over the training query list
 (a new permutation each epoch), tagged with its global position p, sliced per process
-(`[process_index::process_count]`), then each position becomes an episode drawn from
+(`[process_index::process_count]`), batched as positions, then each batch is built in place
+(episodes are written straight into the batch arrays) and each position becomes an
+episode drawn from
 `np.random.default_rng([seed, p])`: episode class and supports first (episodes.py), then
 the query's augmentation, then each support's (transforms.py). A batch is therefore a pure
 function of (dataset, fold, shot, size, seed, batch number, process slice): the same for
@@ -65,8 +67,22 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   cv2.setNumThreads(1)
 
 
-def _stack(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {k: np.stack([it[k] for it in items]) for k in items[0]}
+def _as_list(items):
+  return list(items)
+
+
+def _episode_buffers(batch: int, shot: int, size: int) -> dict[str, np.ndarray]:
+  """Uninitialised batch arrays; episodes are written straight into them (no stacking)."""
+  return {
+      "query": np.empty((batch, size, size, 3), np.float32),
+      "query_label": np.empty((batch, size, size), np.int32),
+      "supp_images": np.empty((batch, shot, size, size, 3), np.float32),
+      "supp_labels": np.empty((batch, shot, size, size), np.int32),
+      "class_id": np.empty((batch,), np.int32),
+      "index": np.empty((batch,), np.int64),
+      "query_record": np.empty((batch,), np.int64),
+      "supp_records": np.empty((batch, shot), np.int64),
+  }
 
 
 # ----------------------------------------------------------------------------- training
@@ -81,34 +97,31 @@ class _TagPosition:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainEpisodeFn:
-  """(position, query-list entry) -> one augmented training episode (unbatched arrays)."""
+class TrainBatchFn:
+  """[(position, query-list entry), ...] -> one batch of augmented training episodes."""
   sampler: episodes_lib.TrainSampler
   reader: tfrecord.TFRecordReader
   aug: transforms.TrainAugConfig
   seed: int
 
-  def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
-    position, entry = item
-    rng = np.random.default_rng([self.seed, position])
-    ep = self.sampler.sample(entry, rng)
-    query, query_label = self._load(ep.query, ep.class_id, rng)
-    supports = [self._load(s, ep.class_id, rng) for s in ep.supports]
-    return {
-        "query": query,
-        "query_label": query_label.astype(np.int32),
-        "supp_images": np.stack([s[0] for s in supports]),
-        "supp_labels": np.stack([s[1] for s in supports]).astype(np.int32),
-        "class_id": np.int32(ep.class_id),
-        "index": np.int64(position),
-        "query_record": np.int64(ep.query),
-        "supp_records": np.asarray(ep.supports, np.int64),
-    }
+  def __call__(self, items: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    out = _episode_buffers(len(items), self.sampler.shot, self.aug.size)
+    for j, (position, entry) in enumerate(items):
+      rng = np.random.default_rng([self.seed, position])
+      ep = self.sampler.sample(entry, rng)
+      self._load(ep.query, ep.class_id, rng, out["query"][j], out["query_label"][j])
+      for k, s in enumerate(ep.supports):
+        self._load(s, ep.class_id, rng, out["supp_images"][j, k], out["supp_labels"][j, k])
+      out["class_id"][j] = ep.class_id
+      out["index"][j] = position
+      out["query_record"][j] = ep.query
+      out["supp_records"][j] = ep.supports
+    return out
 
-  def _load(self, record_index: int, class_id: int, rng: np.random.Generator):
+  def _load(self, record_index, class_id, rng, out_image, out_label):
     image, label = decode_record(self.reader[record_index])
-    return transforms.train_transform(image, transforms.binarize_label(label, class_id),
-                                      rng, self.aug)
+    transforms.train_transform(image, transforms.binarize_label(label, class_id), rng,
+                               self.aug, out=(out_image, out_label))
 
 
 def _read_options(threads: int) -> grain.ReadOptions:
@@ -137,12 +150,9 @@ def _check_process(process_index: int, process_count: int) -> None:
                      f"{process_count}")
 
 
-def train_episodes(dataset_dir: str, fold: int, shot: int, image_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1, *,
-                   split: str = "train",
-                   aug: transforms.TrainAugConfig | None = None,
-                   min_pixels: int = episodes_lib.MIN_CLASS_PIXELS) -> grain.MapDataset:
-  """Infinite MapDataset of unbatched training episodes for this process's slice."""
+def _train_positions(dataset_dir, fold, shot, image_size, seed, process_index,
+                     process_count, split, aug, min_pixels):
+  """(MapDataset of (global position, query-list entry) for this process, batch fn)."""
   _check_process(process_index, process_count)
   transforms.check_size(image_size)
   aug = dataclasses.replace(aug or transforms.TrainAugConfig(), size=image_size)
@@ -152,7 +162,7 @@ def train_episodes(dataset_dir: str, fold: int, shot: int, image_size: int, seed
   ds = grain.MapDataset.range(len(sampler)).shuffle(seed=seed % 2**32).repeat()
   ds = ds.map_with_index(_TagPosition())
   ds = ds[process_index::process_count]
-  return ds.map(TrainEpisodeFn(sampler, reader, aug, int(seed)))
+  return ds, TrainBatchFn(sampler, reader, aug, int(seed))
 
 
 def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: int,
@@ -176,13 +186,14 @@ def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed:
     split: manifest split to sample from.
     aug: augmentation settings (size is overridden by image_size).
     min_pixels: class eligibility threshold.
-    read_threads: Grain read threads per process.
+    read_threads: Grain read threads per process (batches built concurrently).
   Returns:
     IterDataset; `iter()` gives a DatasetIterator with get_state()/set_state().
   """
-  ds = train_episodes(dataset_dir, fold, shot, image_size, seed, process_index,
-                      process_count, split=split, aug=aug, min_pixels=min_pixels)
-  ds = ds.batch(int(batch_size), drop_remainder=True, batch_fn=_stack)
+  ds, fn = _train_positions(dataset_dir, fold, shot, image_size, seed, process_index,
+                            process_count, split, aug, min_pixels)
+  # Batch the (cheap) positions, then build each batch's arrays in place.
+  ds = ds.batch(int(batch_size), drop_remainder=True, batch_fn=_as_list).map(fn)
   return _prefetch(ds, num_workers, read_threads)
 
 
@@ -190,42 +201,45 @@ def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalEpisodeFn:
-  """Local slot -> one evaluation episode (unbatched arrays) of this process's slice."""
+class EvalBatchFn:
+  """[local slot, ...] -> one batch of evaluation episodes of this process's slice."""
   episodes: tuple[episodes_lib.Episode, ...]
   reader: tfrecord.TFRecordReader
+  shot: int
   image_size: int
   process_index: int
   process_count: int
   orig_label_size: int | None
 
-  def __call__(self, slot: int) -> dict[str, np.ndarray]:
-    index = self.process_index + self.process_count * int(slot)
-    valid = index < len(self.episodes)
-    ep = self.episodes[index if valid else 0]
-    image, label = decode_record(self.reader[ep.query])
-    label = transforms.binarize_label(label, ep.class_id)
-    query, query_label = transforms.eval_resize(image, label, self.image_size)
-    supports = []
-    for s in ep.supports:
-      s_image, s_label = decode_record(self.reader[s])
-      supports.append(transforms.eval_resize(
-          s_image, transforms.binarize_label(s_label, ep.class_id), self.image_size))
-    out = {
-        "query": query,
-        "query_label": query_label.astype(np.int32),
-        "supp_images": np.stack([s[0] for s in supports]),
-        "supp_labels": np.stack([s[1] for s in supports]).astype(np.int32),
-        "class_id": np.int32(ep.class_id),
-        "index": np.int64(index),
-        "query_record": np.int64(ep.query),
-        "supp_records": np.asarray(ep.supports, np.int64),
-        "valid": np.bool_(valid),
-    }
+  def __call__(self, slots: list[int]) -> dict[str, np.ndarray]:
+    out = _episode_buffers(len(slots), self.shot, self.image_size)
+    out["valid"] = np.empty((len(slots),), np.bool_)
     if self.orig_label_size is not None:
-      out["orig_label"] = transforms.pad_label(label, self.orig_label_size).astype(np.int32)
-      out["orig_size"] = np.asarray(label.shape, np.int32)
+      m = self.orig_label_size
+      out["orig_label"] = np.empty((len(slots), m, m), np.int32)
+      out["orig_size"] = np.empty((len(slots), 2), np.int32)
+    for j, slot in enumerate(slots):
+      index = self.process_index + self.process_count * int(slot)
+      valid = index < len(self.episodes)
+      ep = self.episodes[index if valid else 0]
+      label = self._load(ep.query, ep.class_id, out["query"][j], out["query_label"][j])
+      for k, s in enumerate(ep.supports):
+        self._load(s, ep.class_id, out["supp_images"][j, k], out["supp_labels"][j, k])
+      out["class_id"][j] = ep.class_id
+      out["index"][j] = index
+      out["query_record"][j] = ep.query
+      out["supp_records"][j] = ep.supports
+      out["valid"][j] = valid
+      if self.orig_label_size is not None:
+        out["orig_label"][j] = transforms.pad_label(label, self.orig_label_size)
+        out["orig_size"][j] = label.shape
     return out
+
+  def _load(self, record_index, class_id, out_image, out_label) -> np.ndarray:
+    image, label = decode_record(self.reader[record_index])
+    label = transforms.binarize_label(label, class_id)
+    transforms.eval_resize(image, label, self.image_size, out=(out_image, out_label))
+    return label
 
 
 def eval_batches_per_process(num_episodes: int, batch_size: int,
@@ -266,9 +280,9 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
     size = orig_label_size or max(max(im["height"], im["width"])
                                   for im in manifest.images(split))
   slots = eval_batches_per_process(num_episodes, batch_size, process_count) * batch_size
-  fn = EvalEpisodeFn(tuple(eps), reader, image_size, process_index, process_count, size)
-  ds = grain.MapDataset.range(slots).map(fn)
-  ds = ds.batch(int(batch_size), drop_remainder=True, batch_fn=_stack)
+  fn = EvalBatchFn(tuple(eps), reader, int(shot), image_size, process_index, process_count,
+                   size)
+  ds = grain.MapDataset.range(slots).batch(int(batch_size), batch_fn=_as_list).map(fn)
   return _prefetch(ds, num_workers, read_threads)
 
 

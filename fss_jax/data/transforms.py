@@ -61,16 +61,25 @@ def binarize_label(label: np.ndarray, class_id: int) -> np.ndarray:
   return out
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-  """(..., 3) RGB in 0..255 -> float32 (x - mean) / std (a new array)."""
-  return _normalize_inplace(np.array(image, np.float32))
+def normalize(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """(..., 3) RGB in 0..255 -> float32 (x - mean) / std, into `out` if given.
+
+  Subtract then divide in float32, as the reference's torch Normalize does; channel by
+  channel, because numpy broadcasting over a trailing axis of 3 is ~3x slower.
+  """
+  image = np.asarray(image)
+  if out is None:
+    out = np.empty(image.shape, np.float32)
+  for ch in range(3):
+    np.subtract(image[..., ch], _MEAN32[ch], out=out[..., ch], dtype=np.float32)
+    np.divide(out[..., ch], _STD32[ch], out=out[..., ch])
+  return out
 
 
-def _normalize_inplace(image: np.ndarray) -> np.ndarray:
-  # Subtract then divide in float32, as the reference's torch Normalize does.
-  image -= _MEAN32
-  image /= _STD32
-  return image
+def _fill_normalized(out: np.ndarray, value: np.ndarray) -> None:
+  """Fills float32 (..., 3) `out` with the normalised value of the RGB pixel `value`."""
+  for ch in range(3):
+    out[..., ch] = (np.float32(value[ch]) - _MEAN32[ch]) / _STD32[ch]
 
 
 # ----------------------------------------------------------------------------- training
@@ -111,47 +120,76 @@ def random_hflip(image, label, rng, p=0.5):
   return cv2.flip(image, 1), cv2.flip(label, 1)
 
 
-def random_crop(image, label, rng, size, keep=0.85, redraws=30):
-  """Random size x size crop of the image after centred padding (mean / 255).
+def draw_crop(label: np.ndarray, rng: np.random.Generator, size: int, keep: float = 0.85,
+              redraws: int = 30) -> tuple[int, int]:
+  """Top-left (y, x) of a random size x size window of the centre-padded label.
 
-  The crop is re-drawn up to `redraws` times while it holds fewer than keep * (all class
-  pixels) of label == 1. The padded image is never built: the window is cut from the
-  unpadded arrays into a pre-filled canvas, and class-pixel counts come from an integral
-  image, so each redraw costs O(1).
-
-  Returns:
-    image float32 (size, size, 3), label uint8 (size, size).
+  The window is re-drawn up to `redraws` times while it holds fewer than keep * (all class
+  pixels) of label == 1. Class-pixel counts come from an integral image (O(1) per draw);
+  the padded arrays are never built.
   """
   h, w = label.shape
   pad_h, pad_w = max(size - h, 0), max(size - w, 0)
   top, left = pad_h // 2, pad_w // 2
-  ph, pw = h + pad_h, w + pad_w
   fg = cv2.integral((label == 1).astype(np.uint8))  # (h+1, w+1) int32
   total = int(fg[-1, -1])
 
   def count(y0, x0):  # class pixels inside the window, in unpadded coordinates
-    ya, yb = np.clip([y0 - top, y0 - top + size], 0, h)
-    xa, xb = np.clip([x0 - left, x0 - left + size], 0, w)
+    ya, yb = min(max(y0 - top, 0), h), min(max(y0 - top + size, 0), h)
+    xa, xb = min(max(x0 - left, 0), w), min(max(x0 - left + size, 0), w)
     return int(fg[yb, xb] - fg[ya, xb] - fg[yb, xa] + fg[ya, xa])
 
-  y0, x0 = int(rng.integers(0, ph - size + 1)), int(rng.integers(0, pw - size + 1))
+  def draw():
+    return int(rng.integers(0, h + pad_h - size + 1)), int(rng.integers(0, w + pad_w - size + 1))
+
+  y0, x0 = draw()
   tries = 0
   while count(y0, x0) < keep * total and tries < redraws:
-    y0, x0 = int(rng.integers(0, ph - size + 1)), int(rng.integers(0, pw - size + 1))
+    y0, x0 = draw()
     tries += 1
-  out_img = np.empty((size, size, 3), np.float32)
-  out_img[...] = _MEAN32
-  out_lab = np.full((size, size), IGNORE_LABEL, np.uint8)
+  return y0, x0
+
+
+def _window(shape: tuple[int, int], size: int, y0: int, x0: int):
+  """Source and destination slices of a padded-window crop (centred padding)."""
+  h, w = shape
+  top, left = max(size - h, 0) // 2, max(size - w, 0) // 2
   sy, sx = max(y0 - top, 0), max(x0 - left, 0)
   ey, ex = min(y0 - top + size, h), min(x0 - left + size, w)
   dy, dx = sy - (y0 - top), sx - (x0 - left)
-  out_img[dy:dy + ey - sy, dx:dx + ex - sx] = image[sy:ey, sx:ex]
-  out_lab[dy:dy + ey - sy, dx:dx + ex - sx] = label[sy:ey, sx:ex]
+  src = (slice(sy, ey), slice(sx, ex))
+  dst = (slice(dy, dy + ey - sy), slice(dx, dx + ex - sx))
+  return src, dst
+
+
+def random_crop(image, label, rng, size, keep=0.85, redraws=30):
+  """Random size x size crop after centred padding (image: mean, label: 255).
+
+  Returns:
+    image float32 (size, size, 3) (not normalised), label uint8 (size, size).
+  """
+  y0, x0 = draw_crop(label, rng, size, keep, redraws)
+  src, dst = _window(label.shape, size, y0, x0)
+  out_img = np.empty((size, size, 3), np.float32)
+  for ch in range(3):
+    out_img[..., ch] = _MEAN32[ch]
+  out_lab = np.full((size, size), IGNORE_LABEL, np.uint8)
+  out_img[dst] = image[src]
+  out_lab[dst] = label[src]
   return out_img, out_lab
 
 
+def _outputs(size: int, out):
+  if out is None:
+    return np.empty((size, size, 3), np.float32), np.empty((size, size), np.uint8)
+  image, label = out
+  if image.shape != (size, size, 3) or label.shape != (size, size):
+    raise ValueError(f"output buffers {image.shape}, {label.shape} do not match size {size}")
+  return image, label
+
+
 def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                    config: TrainAugConfig = TrainAugConfig()):
+                    config: TrainAugConfig = TrainAugConfig(), out=None):
   """Reference training augmentation of one image.
 
   Args:
@@ -159,17 +197,26 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
     label: uint8 (H, W) in {0, 1, 255}.
     rng: the only source of randomness (see the module docstring for the draw order).
     config: augmentation settings; config.size must be 8k+1.
+    out: optional (image float32 (S, S, 3), label integer (S, S)) buffers to write into
+      (e.g. slices of a batch), saving a copy.
   Returns:
-    image float32 (S, S, 3) normalised, label uint8 (S, S) in {0, 1, 255}.
+    image float32 (S, S, 3) normalised, label (S, S) in {0, 1, 255} (uint8 unless `out`).
   """
   image = np.asarray(image, np.float32)
   image, label = random_scale(image, label, rng, config.scale)
   image, label = random_rotate(image, label, rng, config.rotate, config.rotate_p)
   image = random_blur(image, rng, config.blur_kernel, config.blur_p)
   image, label = random_hflip(image, label, rng, config.flip_p)
-  image, label = random_crop(image, label, rng, config.size, config.crop_keep,
-                             config.crop_redraws)
-  return _normalize_inplace(image), label
+  size = config.size
+  y0, x0 = draw_crop(label, rng, size, config.crop_keep, config.crop_redraws)
+  src, dst = _window(label.shape, size, y0, x0)
+  out_img, out_lab = _outputs(size, out)
+  # The normalised padding mean is exactly 0: (m - m) / s.
+  out_img.fill(0.0)
+  out_lab.fill(IGNORE_LABEL)
+  normalize(image[src], out=out_img[dst])
+  out_lab[dst] = label[src]
+  return out_img, out_lab
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -186,27 +233,29 @@ def eval_hw(height: int, width: int, size: int) -> tuple[int, int]:
   return new_h // 8 * 8, new_w // 8 * 8
 
 
-def eval_resize(image: np.ndarray, label: np.ndarray, size: int = 473):
+def eval_resize(image: np.ndarray, label: np.ndarray, size: int = 473, out=None):
   """Reference evaluation resize: top-left in a size x size canvas.
 
   Args:
     image: (H, W, 3) RGB, uint8 or float32.
     label: uint8 (H, W) in {0, 1, 255}.
     size: canvas side, 8k+1.
+    out: optional (image, label) buffers to write into, as in `train_transform`.
   Returns:
     image float32 (size, size, 3): the resized image normalised, the rest of the canvas
-    the normalised value of 0; label uint8 (size, size) padded with 255.
+    the normalised value of 0; label (size, size) padded with 255.
   """
   h, w = label.shape
   new_h, new_w = eval_hw(h, w, size)
   image = np.asarray(image, np.float32)
-  canvas = np.zeros((size, size, 3), np.float32)
-  canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h),
-                                      interpolation=cv2.INTER_LINEAR)
-  lab = np.full((size, size), IGNORE_LABEL, np.uint8)
-  lab[:new_h, :new_w] = cv2.resize(label, (new_w, new_h),
-                                   interpolation=cv2.INTER_NEAREST)
-  return _normalize_inplace(canvas), lab
+  out_img, out_lab = _outputs(size, out)
+  _fill_normalized(out_img, (0.0, 0.0, 0.0))
+  normalize(cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR),
+            out=out_img[:new_h, :new_w])
+  out_lab.fill(IGNORE_LABEL)
+  out_lab[:new_h, :new_w] = cv2.resize(label, (new_w, new_h),
+                                       interpolation=cv2.INTER_NEAREST)
+  return out_img, out_lab
 
 
 def pad_label(label: np.ndarray, size: int | None = None) -> np.ndarray:
