@@ -1,0 +1,383 @@
+"""Seed placement (maskSLIC) and superpixel-guided clustering (SGC), jittable.
+
+The reference ASGNet places seeds on the host with OpenCV and scipy, then clusters each support
+shot's features in a Python loop over a gathered region of interest. Here both run on device with
+fixed shapes:
+
+* ``place_seeds`` reproduces the host procedure exactly (same seeds, same tie-breaking): nearest
+  downsampling in OpenCV's convention, the bounding-box crop, ``num_sp`` from the crop area, and
+  ``num_sp`` rounds of "exact Euclidean distance transform of the crop, first row-major maximum,
+  zero it". The distance transform is computed as an exact *squared* integer transform with two
+  separable 1-D min passes inside the bounding box, so ties compare integers, not square roots.
+* ``sgc_prototypes`` runs the clustering over all h x w pixels with the region of interest as a
+  weight mask, batched over (batch x shots).
+
+Reference quirks reproduced on purpose (see ``effective_num_seeds``): the model counts seeds with
+``max(count_nonzero(rows), count_nonzero(cols))`` over all padded slots, so a seed placed exactly
+at (0, 0) is not counted.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fss_jax.models import ops
+
+# Larger than any squared distance on a feature grid (grids are at most a few hundred pixels
+# wide), small enough that adding a squared column offset cannot overflow int32.
+_FAR = 1 << 28
+
+
+@functools.lru_cache(maxsize=64)
+def _nearest_src_index(in_size: int, out_size: int) -> np.ndarray:
+  """Source index of each output pixel for OpenCV ``INTER_NEAREST`` resizing.
+
+  OpenCV computes ``floor(i * (1 / (out / in)))`` in double precision; reproducing that
+  arithmetic (not the integer ``i * in // out``) matters for sizes where the two disagree.
+  """
+  scale = 1.0 / (out_size / in_size)
+  idx = np.floor(np.arange(out_size, dtype=np.float64) * scale).astype(np.int64)
+  idx = np.minimum(idx, in_size - 1).astype(np.int32)
+  idx.setflags(write=False)
+  return idx
+
+
+def downsample_mask_nearest(masks: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+  """Nearest-neighbour downsampling with OpenCV's convention (source index floor(i * H / h)).
+
+  Args:
+    masks: (B, H, W) array of any dtype.
+    out_hw: static (h, w).
+
+  Returns:
+    (B, h, w) array of masks' dtype.
+  """
+  if masks.ndim != 3:
+    raise ValueError(f"downsample_mask_nearest: expected masks (B, H, W), got {masks.shape}.")
+  out_h, out_w = (int(s) for s in out_hw)
+  rows = _nearest_src_index(masks.shape[1], out_h)
+  cols = _nearest_src_index(masks.shape[2], out_w)
+  return masks[:, rows, :][:, :, cols]
+
+
+def _first_last(flags):
+  """Index of the first and last True of a 1-D bool array (0, -1 when none)."""
+  n = flags.shape[0]
+  first = jnp.argmax(flags)
+  last = n - 1 - jnp.argmax(flags[::-1])
+  any_ = jnp.any(flags)
+  return jnp.where(any_, first, 0), jnp.where(any_, last, -1)
+
+
+def _round_half_even_div(area, denom: int):
+  """round(area / denom) with numpy's half-to-even rule, in exact integer arithmetic."""
+  q, r = area // denom, area % denom
+  up = (2 * r > denom) | ((2 * r == denom) & (q % 2 == 1))
+  return q + up.astype(q.dtype)
+
+
+def _squared_edt(zero, top, left):
+  """Exact squared Euclidean distance to the nearest True of ``zero``, scipy's no-zero rule.
+
+  Args:
+    zero: (h, w) bool, the background pixels; all lie inside the bounding box.
+    top, left: the box's top-left corner (int32 scalars).
+
+  Returns:
+    (h, w) int32. Where ``zero`` has no True at all, scipy's ``distance_transform_edt`` measures
+    the distance to the point one row above the crop's top-left pixel; that is reproduced. Values
+    outside the box are meaningless (callers mask them).
+  """
+  h, w = zero.shape
+  r = jnp.arange(h, dtype=jnp.int32)
+  c = jnp.arange(w, dtype=jnp.int32)
+  dr2 = jnp.square(r[:, None] - r[None, :])  # (h, h') [row, background row]
+  dc2 = jnp.square(c[:, None] - c[None, :])  # (w, w') [col, background col]
+  # Pass 1: per column, squared distance to the nearest background pixel in that column.
+  col_d2 = jnp.min(jnp.where(zero[None, :, :], dr2[:, :, None], _FAR), axis=1)  # (h, w')
+  # Pass 2: combine columns; the squared Euclidean distance is separable this way exactly.
+  d2 = jnp.min(col_d2[:, None, :] + dc2[None, :, :], axis=2)  # (h, w)
+  no_zero = jnp.square(r[:, None] - (top - 1)) + jnp.square(c[None, :] - left)
+  return jnp.where(jnp.any(zero), d2, no_zero)
+
+
+def _seeds_single(fg, max_sp: int, avg_sp_area: int):
+  """Seeds of one (h, w) bool mask; see ``place_seeds``."""
+  h, w = fg.shape
+  top, bottom = _first_last(jnp.any(fg, axis=1))
+  left, right = _first_last(jnp.any(fg, axis=0))
+  r = jnp.arange(h, dtype=jnp.int32)
+  c = jnp.arange(w, dtype=jnp.int32)
+  in_box = (((r >= top) & (r <= bottom))[:, None]) & (((c >= left) & (c <= right))[None, :])
+  area = jnp.sum(fg, dtype=jnp.int32)
+  num_sp = jnp.minimum(_round_half_even_div(area, avg_sp_area), max_sp)
+  num_sp = jnp.where(area > 0, num_sp, 0).astype(jnp.int32)
+  place = num_sp >= 2
+
+  zero = in_box & ~fg
+  seeds = []
+  for i in range(max_sp):
+    d2 = jnp.where(in_box, _squared_edt(zero, top, left), -1)
+    flat = jnp.argmax(d2.reshape(-1))  # First maximum in row-major order, as np.nonzero.
+    seed_r, seed_c = (flat // w).astype(jnp.int32), (flat % w).astype(jnp.int32)
+    take = place & (i < num_sp)
+    seeds.append(jnp.where(take, jnp.stack([seed_r, seed_c]), 0))
+    zero = zero | ((r[:, None] == seed_r) & (c[None, :] == seed_c) & take)
+  return jnp.stack(seeds).astype(jnp.int32), num_sp
+
+
+def place_seeds(masks: jax.Array, max_sp: int = 5, avg_sp_area: int = 100,
+                stride: int = 8) -> tuple[jax.Array, jax.Array]:
+  """maskSLIC seed placement of the reference (``util/seed_init.py``), on device.
+
+  Procedure per mask: nearest-downsample (OpenCV convention) to h = (H - 1) // stride + 1 (and
+  likewise w); crop to the bounding box of the nonzero pixels; num_sp = min(round_half_even(area
+  / avg_sp_area), max_sp) with area the number of ones (0 for an empty mask); if num_sp >= 2,
+  num_sp times: exact Euclidean distance transform of the crop with scipy's semantics (distance
+  to the nearest zero inside the crop, the crop border is not background, and with no zero at
+  all the distance to the point one row above the crop's top-left pixel), take the first maximum
+  in row-major order as the next seed and zero that pixel. (The reference also smooths with a
+  sigma-0.1 Gaussian, an exact identity in scipy.)
+
+  Non-square inputs use (h, w) in the natural order; the reference swaps OpenCV's dsize, which
+  differs only for non-square masks.
+
+  Args:
+    masks: (B, H, W) bool / int / float at input resolution; nonzero means foreground (callers
+      pass ``label == 1``).
+    max_sp: number of seed slots (static).
+    avg_sp_area: area per superpixel in feature-grid pixels (static).
+    stride: the backbone's output stride (static).
+
+  Returns:
+    seeds: (B, max_sp, 2) int32 (row, col) on the h x w grid; unused slots are (0, 0).
+    num_sp: (B,) int32, the reference's num_sp (0 or 1 means no seeds were placed).
+  """
+  if masks.ndim != 3:
+    raise ValueError(f"place_seeds: expected masks (B, H, W), got shape {masks.shape}.")
+  in_h, in_w = masks.shape[1:]
+  out_hw = ((in_h - 1) // stride + 1, (in_w - 1) // stride + 1)
+  fg = downsample_mask_nearest(masks, out_hw) != 0
+  return jax.vmap(functools.partial(
+      _seeds_single, max_sp=int(max_sp), avg_sp_area=int(avg_sp_area)))(fg)
+
+
+def effective_num_seeds(seeds: jax.Array) -> jax.Array:
+  """The reference model's seed count: max(count_nonzero(rows), count_nonzero(cols)).
+
+  Counted over all padded slots, as the reference does. A seed exactly at (0, 0) therefore
+  does not count (nor does a real seed whose row and column are both 0 in a way that lowers
+  both counts); the model then uses the first n slots. Reproduced on purpose.
+
+  Args:
+    seeds: (B, max_sp, 2) int.
+
+  Returns:
+    (B,) int32.
+  """
+  nz = seeds != 0
+  return jnp.maximum(jnp.sum(nz[..., 0], -1), jnp.sum(nz[..., 1], -1)).astype(jnp.int32)
+
+
+def _pixel_coords(h: int, w: int) -> np.ndarray:
+  """(h * w, 2) float32 (row, col) of each pixel in row-major order."""
+  rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  return np.stack([rr.reshape(-1), cc.reshape(-1)], -1).astype(np.float32)
+
+
+def _grid_step(max_abs, max_int: int):
+  """Smallest power of two >= max_abs / max_int (1 where max_abs is 0), per batch element."""
+  _, expo = jnp.frexp(max_abs / max_int)  # max_abs / max_int = m * 2**expo, m in [0.5, 1).
+  return jnp.where(max_abs > 0, jnp.ldexp(jnp.ones_like(max_abs), expo), 1.0)
+
+
+def _split_sq_dist(g, roi, e):
+  """Accurate squared distances ||g_p - e_k||^2 at GEMM speed (an Ozaki-style split).
+
+  The plain matmul form ||g||^2 - 2 g.e + ||e||^2 cancels catastrophically for pixels close to
+  a centre, exactly the pixels with the largest weights (sqrt turns an absolute error eps in d^2
+  into ~sqrt(eps) near 0; on smooth features that costs ~1e-4 relative error in the prototypes).
+  The direct form (difference, square, sum) is exact but runs at elementwise speed on XLA-CPU.
+  Here, with a power-of-two grid step delta per shot, features and centres become u = uh + ul
+  in grid units, uh integers with |uh| <= Q and |ul| <= 1/2. The integer part ||uh - vh||^2 is
+  evaluated in matmul form exactly in int32 (C (2Q)^2 < 2^31), and only the small remainder
+  2 (uh - vh).(ul - vl) + ||ul - vl||^2, expanded as
+  (2 uh.ul + ||ul||^2) + (2 vh.vl + ||vl||^2) - 2 (u.vl + ul.vh), carries float32 rounding,
+  about Q times less than the plain form.
+
+  Args:
+    g: (B, N, C) centred features.
+    roi: (B, N) bool; centres stay convex combinations of these pixels.
+    e: (B, K, C) initial centres, centred alike.
+
+  Returns:
+    delta: (B, 1, 1) grid step; u: (B, N, C) features in grid units (g / delta, exact);
+    sq_dist: function of centres v (B, K, C) in grid units -> (B, N, K) squared distances in
+      natural units.
+  """
+  hi = jax.lax.Precision.HIGHEST
+  num_c = g.shape[-1]
+  max_int = max(1, int(np.floor(np.sqrt(2.0**31 / num_c) / 2.0)) - 2)
+  # Centres are convex combinations of ROI features, so this bound holds in every iteration.
+  max_abs = jnp.maximum(jnp.max(jnp.where(roi[..., None], jnp.abs(g), 0.0), axis=(1, 2)),
+                        jnp.max(jnp.abs(e), axis=(1, 2)))
+  delta = _grid_step(max_abs, max_int)[:, None, None]
+  u = g / delta  # Power-of-two scaling: exact.
+  # Any nearby integer will do (ties need no rule); floor is much faster than round on XLA-CPU.
+  uh_int = jnp.floor(u + 0.5).astype(jnp.int32)
+  ul = u - uh_int.astype(u.dtype)  # Exact: |ul| <= 1/2 and u, uh share the grid.
+  # Materialise the streams once; otherwise XLA-CPU re-fuses their producers into every consumer.
+  u, ul, uh_int = jax.lax.optimization_barrier((u, ul, uh_int))
+  # Row sums as matrix-vector products: XLA-CPU's minor-axis reductions are scalar loops.
+  uh_sq = jnp.einsum("bnc,c->bn", uh_int * uh_int, jnp.ones((num_c,), jnp.int32))
+  u_rest = jnp.einsum("bnc,c->bn", (u + uh_int.astype(u.dtype)) * ul,
+                      jnp.ones((num_c,), u.dtype), precision=hi)
+  delta_sq = jnp.square(delta)
+
+  def sq_dist(v):
+    vh = jnp.floor(v + 0.5)
+    vl = v - vh
+    vh_int = vh.astype(jnp.int32)
+    exact = (uh_sq[:, :, None] - 2 * jnp.einsum("bnc,bkc->bnk", uh_int, vh_int)
+             + jnp.sum(vh_int * vh_int, -1)[:, None, :])
+    # uh.vl + ul.v rewritten as u.vl + ul.vh: one stream fewer.
+    cross = (jnp.einsum("bnc,bkc->bnk", u, vl, precision=hi) +
+             jnp.einsum("bnc,bkc->bnk", ul, vh, precision=hi))
+    rest = u_rest[:, :, None] + jnp.sum((v + vh) * vl, -1)[:, None, :] - 2.0 * cross
+    return (exact.astype(u.dtype) + rest) * delta_sq
+
+  return delta, u, sq_dist
+
+
+def _direct_sq_dist(g):
+  """Exact squared distances by differences; (delta, u, sq_dist) as ``_split_sq_dist``."""
+  def sq_dist(v):
+    return jnp.sum(jnp.square(g[:, :, None, :] - v[:, None, :, :]), axis=-1)
+  return jnp.ones((g.shape[0], 1, 1), g.dtype), g, sq_dist
+
+
+def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
+  """SGC iterations over all pixels with the ROI as a weight mask.
+
+  Args:
+    feat: (B, N, C) features.
+    roi: (B, N) bool region of interest.
+    init_feat: (B, K, C) initial centres (feature part).
+    init_xy: (B, K, 2) initial centres (coordinate part).
+    xy: (N, 2) pixel coordinates.
+    n_iter: number of iterations (static, >= 1).
+    distance: "split" or "direct" (see ``sgc_prototypes``).
+
+  Returns:
+    (B, K, C) final centres without coordinates; zeros where the ROI is empty.
+  """
+  hi = jax.lax.Precision.HIGHEST
+  roi_f = roi.astype(feat.dtype)
+  count = jnp.sum(roi_f, axis=1)
+  # Distances are translation invariant; centring on the ROI mean keeps the split's grid (and
+  # so its rounding) relative to the features' spread rather than their magnitude.
+  shift = jnp.einsum("bn,bnc->bc", roi_f, feat, precision=hi) / jnp.maximum(count, 1.0)[:, None]
+  g = feat - shift[:, None, :]
+  e = init_feat - shift[:, None, :]
+  if distance == "split":
+    delta, u, sq_dist = _split_sq_dist(g, roi, e)
+  else:
+    delta, u, sq_dist = _direct_sq_dist(g)
+  v = e / delta
+  v_xy = init_xy
+  for _ in range(n_iter):
+    xy_d2 = (jnp.square(xy[None, :, None, 0] - v_xy[:, None, :, 0]) +
+             jnp.square(xy[None, :, None, 1] - v_xy[:, None, :, 1]))
+    dist = jnp.sqrt(jnp.maximum(sq_dist(v) + xy_d2 / 100.0, 0.0))  # (B, N, K)
+    # exp(-D) normalised over the ROI, shifted by the ROI minimum: identical in exact arithmetic,
+    # but never 0/0 when exp(-D) underflows for every ROI pixel.
+    dist_min = jnp.min(jnp.where(roi[:, :, None], dist, jnp.inf), axis=1, keepdims=True)
+    dist_min = jnp.where(jnp.isfinite(dist_min), dist_min, 0.0)
+    assoc = jnp.where(roi[:, :, None], jnp.exp(-(dist - dist_min)), 0.0)
+    total = jnp.sum(assoc, axis=1, keepdims=True)
+    assoc = assoc / jnp.where(total > 0, total, 1.0)
+    v = jnp.einsum("bnk,bnc->bkc", assoc, u, precision=hi)
+    v_xy = jnp.einsum("bnk,nd->bkd", assoc, xy, precision=hi)
+  centres = v * delta + shift[:, None, :]
+  # The reference sums over an empty ROI: all-zero centres.
+  return jnp.where((count > 0)[:, None, None], centres, 0.0)
+
+
+def _resolve_distance(distance: str) -> str:
+  if distance == "auto":
+    return "split" if jax.default_backend() == "cpu" else "direct"
+  if distance not in ("split", "direct"):
+    raise ValueError(f"sgc_prototypes: distance must be 'auto', 'split' or 'direct', got "
+                     f"{distance!r}.")
+  return distance
+
+
+def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_iter: int,
+                   distance: str = "auto") -> tuple[jax.Array, jax.Array]:
+  """Superpixel-guided clustering prototypes of support shots (``Model.sp_center_iter``).
+
+  Per shot: n = ``effective_num_seeds``; with n >= 2 the first n seeds start centres
+  [feature at seed, seed row, seed col] and n_iter rounds of
+    D_pi = sqrt(||f_p - c_i||^2 + ||xy_p - xy_i||^2 / 100),
+    A_pi = exp(-D_pi) / sum_{p in ROI} exp(-D_pi),
+    c_i = sum_{p in ROI} A_pi [f_p, xy_p]
+  run over the ROI = pixels where ``soft_mask == 1.0`` exactly. With n <= 1 the single
+  prototype is the soft-masked average sum(f m) / (sum(m) + 0.0005).
+
+  Differences from the reference, numerically invisible where the reference is finite:
+  A is computed as exp(-(D - min_ROI D)) normalised over the ROI, which is the same in exact
+  arithmetic but stays finite when exp(-D) underflows for every ROI pixel (the reference gives
+  0/0 = NaN there; with huge feature scales this keeps the nearest pixels' weights). An empty ROI
+  gives all-zero centres, as the reference's sums over no pixels do.
+
+  ``distance`` picks how ||f_p - c_i||^2 is evaluated: "direct" (differences; exact, best on
+  accelerators), "split" (an exact-integer + small-remainder matmul form, see
+  ``_split_sq_dist``; several times faster on XLA-CPU, prototypes within ~2e-6 relative of a
+  float64 evaluation where the plain matmul form is off by ~1e-4), or "auto" (split on CPU,
+  direct elsewhere).
+
+  Everything here is a constant for differentiation (the reference computes it without grad).
+
+  Args:
+    feat: (B, h, w, C) support features (B = batch x shots, flattened by the caller).
+    soft_mask: (B, h, w) support mask bilinearly (align_corners) resized to (h, w).
+    seeds: (B, max_sp, 2) int seeds from ``place_seeds``.
+    n_iter: clustering iterations (static, >= 1).
+    distance: "auto", "split" or "direct" (static).
+
+  Returns:
+    protos: (B, max_sp, C) prototypes; invalid slots are zeros.
+    valid: (B, max_sp) bool; slots >= n are invalid, and with n <= 1 only slot 0 is valid.
+  """
+  if feat.ndim != 4 or soft_mask.shape != feat.shape[:3]:
+    raise ValueError(f"sgc_prototypes: expected feat (B, h, w, C) and soft_mask (B, h, w), got "
+                     f"{feat.shape} and {soft_mask.shape}.")
+  if seeds.ndim != 3 or seeds.shape[0] != feat.shape[0] or seeds.shape[2] != 2:
+    raise ValueError(f"sgc_prototypes: expected seeds (B, max_sp, 2), got {seeds.shape}.")
+  distance = _resolve_distance(distance)
+  n_iter = int(n_iter)
+  if n_iter < 1:
+    raise ValueError(f"sgc_prototypes: n_iter must be >= 1, got {n_iter}.")
+  feat = jax.lax.stop_gradient(feat)
+  soft_mask = jax.lax.stop_gradient(soft_mask)
+  b, h, w, c = feat.shape
+  max_sp = seeds.shape[1]
+  seeds = seeds.astype(jnp.int32)
+  flat_feat = feat.reshape(b, h * w, c)
+  roi = (soft_mask == 1.0).reshape(b, h * w)
+
+  n = effective_num_seeds(seeds)
+  use_sgc = n >= 2
+  slot = jnp.arange(max_sp)
+  init_feat = jnp.take_along_axis(
+      flat_feat, (seeds[..., 0] * w + seeds[..., 1])[..., None], axis=1)  # (B, K, C)
+  centres = _cluster(flat_feat, roi, init_feat, seeds.astype(feat.dtype),
+                     jnp.asarray(_pixel_coords(h, w), feat.dtype), n_iter, distance)
+  fallback = ops.masked_average_pool(feat, soft_mask)  # (B, C)
+
+  valid = jnp.where(use_sgc[:, None], slot[None, :] < n[:, None], slot[None, :] == 0)
+  protos = jnp.where(use_sgc[:, None, None], centres,
+                     jnp.where(slot[None, :, None] == 0, fallback[:, None, :], 0.0))
+  protos = jnp.where(valid[..., None], protos, 0.0)
+  return jax.lax.stop_gradient(protos), valid
