@@ -6,16 +6,18 @@ JPEG images + PNG labels with a list file (the reference's layout). Then, in the
 measures training episodes per second at --size (473) for 1 and 5 shots:
 
   fss_jax   `pipeline.train_dataset` (TFRecord reads; episode classes from the manifest, so only
-            the episode's own labels are decoded; per-index seeded randomness), with 0 and 2
-            Grain worker processes.
+            the episode's own labels are decoded; episodes written straight into the batch
+            arrays, in shared memory inside workers), with 0 and 2 Grain worker processes.
   reference a re-implementation of the reference loader's work: per-episode file reads from the
             folder (cv2.imread of image and grayscale label, BGR->RGB, float32), the query's class
             list rebuilt at episode time from the decoded label (np.unique + per-class pixel
             counts against 2*32*32), supports drawn by re-drawing until distinct and != query,
-            labels made binary with np.where, and the same augmentation (transforms.py). Its
+            labels made binary with np.where, and the same augmentation (transforms.py, itself
+            faster than the reference's literal steps, so the ratios understate). Its
             image list and per-class file lists are built at start-up by decoding every label,
             as the reference does (reported, not counted in episodes/s). 0 workers runs in-process;
-            2 workers uses torch.utils.data.DataLoader, as the reference does.
+            2 workers uses torch.utils.data.DataLoader, as the reference does (spawned
+            workers: forked ones deadlock in OpenCV's thread pool).
 
 Both produce batches of --batch episodes. Each configuration is timed over --episodes episodes
 after one warm-up batch (which includes worker start-up); the best of --repeats runs counts.
@@ -163,7 +165,9 @@ def baseline_batches(folder, shot, size, batch, workers):
   import torch  # pylint: disable=g-import-not-at-top
   loader = torch.utils.data.DataLoader(
       ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-      worker_init_fn=_seed_worker, persistent_workers=True)
+      worker_init_fn=_seed_worker, persistent_workers=True,
+      # Forked workers hang in OpenCV's thread pool once the parent has used it.
+      multiprocessing_context="spawn", timeout=300)
 
   def gen():
     while True:

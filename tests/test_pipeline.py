@@ -1,6 +1,5 @@
 """Grain episode pipelines on a tiny generated synthetic dataset."""
 import collections
-import itertools
 
 import numpy as np
 import pytest

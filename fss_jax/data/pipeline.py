@@ -40,6 +40,7 @@ from typing import Any
 from absl import flags
 import cv2
 import grain
+import grain.python  # SharedMemoryArray
 import numpy as np
 
 from fss_jax.data import episodes as episodes_lib
@@ -61,10 +62,22 @@ def decode_record(record: bytes) -> tuple[np.ndarray, np.ndarray]:
   return image, label
 
 
+_IN_WORKER = False
+
+
 def _worker_init(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
+  global _IN_WORKER
+  _IN_WORKER = True
   # Workers already split the cores between them; OpenCV's own pool would oversubscribe.
   cv2.setNumThreads(1)
+
+
+def _alloc(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """A batch array; in a Grain worker, in shared memory so it is handed over uncopied."""
+  if _IN_WORKER:
+    return grain.python.SharedMemoryArray(shape, dtype)
+  return np.empty(shape, dtype)
 
 
 def _as_list(items):
@@ -74,10 +87,10 @@ def _as_list(items):
 def _episode_buffers(batch: int, shot: int, size: int) -> dict[str, np.ndarray]:
   """Uninitialised batch arrays; episodes are written straight into them (no stacking)."""
   return {
-      "query": np.empty((batch, size, size, 3), np.float32),
-      "query_label": np.empty((batch, size, size), np.int32),
-      "supp_images": np.empty((batch, shot, size, size, 3), np.float32),
-      "supp_labels": np.empty((batch, shot, size, size), np.int32),
+      "query": _alloc((batch, size, size, 3), np.float32),
+      "query_label": _alloc((batch, size, size), np.int32),
+      "supp_images": _alloc((batch, shot, size, size, 3), np.float32),
+      "supp_labels": _alloc((batch, shot, size, size), np.int32),
       "class_id": np.empty((batch,), np.int32),
       "index": np.empty((batch,), np.int64),
       "query_record": np.empty((batch,), np.int64),
@@ -144,6 +157,12 @@ def _prefetch(ds: grain.MapDataset, num_workers: int, read_threads: int):
   return it_ds
 
 
+def _check_seed(seed: int) -> int:
+  if int(seed) < 0:
+    raise ValueError(f"seed must be >= 0 (it seeds np.random.default_rng), got {seed}")
+  return int(seed)
+
+
 def _check_process(process_index: int, process_count: int) -> None:
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
@@ -154,6 +173,7 @@ def _train_positions(dataset_dir, fold, shot, image_size, seed, process_index,
                      process_count, split, aug, min_pixels):
   """(MapDataset of (global position, query-list entry) for this process, batch fn)."""
   _check_process(process_index, process_count)
+  seed = _check_seed(seed)
   transforms.check_size(image_size)
   aug = dataclasses.replace(aug or transforms.TrainAugConfig(), size=image_size)
   manifest = schema.load_manifest(dataset_dir)
