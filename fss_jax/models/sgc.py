@@ -12,7 +12,7 @@ fixed shapes:
 * ``sgc_prototypes`` runs the clustering over all h x w pixels with the region of interest as a
   weight mask, batched over (batch x shots).
 
-Reference quirks reproduced on purpose (see ``effective_num_seeds``): the model counts seeds with
+Reference quirk reproduced on purpose (see ``effective_num_seeds``): the model counts seeds with
 ``max(count_nonzero(rows), count_nonzero(cols))`` over all padded slots, so a seed placed exactly
 at (0, 0) is not counted.
 """
@@ -166,9 +166,11 @@ def place_seeds(masks: jax.Array, max_sp: int = 5, avg_sp_area: int = 100,
 def effective_num_seeds(seeds: jax.Array) -> jax.Array:
   """The reference model's seed count: max(count_nonzero(rows), count_nonzero(cols)).
 
-  Counted over all padded slots, as the reference does. A seed exactly at (0, 0) therefore
-  does not count (nor does a real seed whose row and column are both 0 in a way that lowers
-  both counts); the model then uses the first n slots. Reproduced on purpose.
+  Counted over all padded slots, as the reference does: a seed in row 0 escapes the row count
+  and one in column 0 the column count, so a seed at (0, 0) never counts, and seeds (0, 0),
+  (0, 4), (4, 0) count as 1 (that shot then falls back to masked average pooling). The model
+  uses the first n slots. Reproduced on purpose; it only happens for masks touching the
+  top-left corner of the feature grid.
 
   Args:
     seeds: (B, max_sp, 2) int.
@@ -201,10 +203,10 @@ def _split_sq_dist(g, roi, e):
   The direct form (difference, square, sum) is exact but runs at elementwise speed on XLA-CPU.
   Here, with a power-of-two grid step delta per shot, features and centres become u = uh + ul
   in grid units, uh integers with |uh| <= Q and |ul| <= 1/2. The integer part ||uh - vh||^2 is
-  evaluated in matmul form exactly in int32 (C (2Q)^2 < 2^31), and only the small remainder
-  2 (uh - vh).(ul - vl) + ||ul - vl||^2, expanded as
-  (2 uh.ul + ||ul||^2) + (2 vh.vl + ||vl||^2) - 2 (u.vl + ul.vh), carries float32 rounding,
-  about Q times less than the plain form.
+  evaluated in matmul form exactly (float32 holds every partial sum: C (2Q)^2 <= 2^24), and only
+  the small remainder 2 (uh - vh).(ul - vl) + ||ul - vl||^2, expanded as
+  (2 uh.ul + ||ul||^2) + (2 vh.vl + ||vl||^2) - 2 (uh.vl + ul.v), carries rounding, about Q
+  times less than the plain form. ``_refine_nearest`` handles the pixels nearest each centre.
 
   Args:
     g: (B, N, C) centred features.
@@ -212,49 +214,71 @@ def _split_sq_dist(g, roi, e):
     e: (B, K, C) initial centres, centred alike.
 
   Returns:
-    delta: (B, 1, 1) grid step; u: (B, N, C) features in grid units (g / delta, exact);
-    sq_dist: function of centres v (B, K, C) in grid units -> (B, N, K) squared distances in
-      natural units.
+    A function of centred centres c (B, K, C) -> (B, N, K) squared distances.
   """
   hi = jax.lax.Precision.HIGHEST
   num_c = g.shape[-1]
-  max_int = max(1, int(np.floor(np.sqrt(2.0**31 / num_c) / 2.0)) - 2)
+  max_int = max(1, int(np.floor(np.sqrt(2.0**24 / num_c) / 2.0)) - 1)
   # Centres are convex combinations of ROI features, so this bound holds in every iteration.
   max_abs = jnp.maximum(jnp.max(jnp.where(roi[..., None], jnp.abs(g), 0.0), axis=(1, 2)),
                         jnp.max(jnp.abs(e), axis=(1, 2)))
   delta = _grid_step(max_abs, max_int)[:, None, None]
   u = g / delta  # Power-of-two scaling: exact.
   # Any nearby integer will do (ties need no rule); floor is much faster than round on XLA-CPU.
-  uh_int = jnp.floor(u + 0.5).astype(jnp.int32)
-  ul = u - uh_int.astype(u.dtype)  # Exact: |ul| <= 1/2 and u, uh share the grid.
-  # Materialise the streams once; otherwise XLA-CPU re-fuses their producers into every consumer.
-  u, ul, uh_int = jax.lax.optimization_barrier((u, ul, uh_int))
-  # Row sums as matrix-vector products: XLA-CPU's minor-axis reductions are scalar loops.
-  uh_sq = jnp.einsum("bnc,c->bn", uh_int * uh_int, jnp.ones((num_c,), jnp.int32))
-  u_rest = jnp.einsum("bnc,c->bn", (u + uh_int.astype(u.dtype)) * ul,
-                      jnp.ones((num_c,), u.dtype), precision=hi)
+  uh = jnp.floor(u + 0.5)
+  ul = u - uh  # Exact: |ul| <= 1/2 and u, uh share the grid.
+  # Reductions, not matrix-vector products: the latter would materialise two more (B, N, C)
+  # temporaries, and fresh large buffers are what costs most here.
+  uh_sq = jnp.sum(jnp.square(uh), axis=-1)  # Exact integers.
+  u_rest = jnp.sum((u + uh) * ul, axis=-1)  # 2 uh.ul + ||ul||^2
   delta_sq = jnp.square(delta)
 
-  def sq_dist(v):
+  def sq_dist(c):
+    k = c.shape[1]
+    v = c / delta  # Exact.
     vh = jnp.floor(v + 0.5)
     vl = v - vh
-    vh_int = vh.astype(jnp.int32)
-    exact = (uh_sq[:, :, None] - 2 * jnp.einsum("bnc,bkc->bnk", uh_int, vh_int)
-             + jnp.sum(vh_int * vh_int, -1)[:, None, :])
-    # uh.vl + ul.v rewritten as u.vl + ul.vh: one stream fewer.
-    cross = (jnp.einsum("bnc,bkc->bnk", u, vl, precision=hi) +
-             jnp.einsum("bnc,bkc->bnk", ul, vh, precision=hi))
+    uh_prods = jnp.einsum("bnc,bkc->bnk", uh, jnp.concatenate([vh, vl], axis=1), precision=hi)
+    exact = uh_sq[:, :, None] - 2.0 * uh_prods[..., :k] + jnp.sum(jnp.square(vh), -1)[:, None, :]
+    cross = uh_prods[..., k:] + jnp.einsum("bnc,bkc->bnk", ul, v, precision=hi)
     rest = u_rest[:, :, None] + jnp.sum((v + vh) * vl, -1)[:, None, :] - 2.0 * cross
-    return (exact.astype(u.dtype) + rest) * delta_sq
+    return (exact + rest) * delta_sq
 
-  return delta, u, sq_dist
+  return sq_dist
+
+
+def _refine_nearest(sq_dist, g, roi, num_near: int = 8):
+  """Recomputes the few smallest squared distances of each centre by differences.
+
+  The split's remaining error is absolute (about Q times below the plain form's eps |g|^2), so
+  it only matters where the distance itself is tiny: a pixel (nearly) coinciding with a centre, as every seed pixel does in
+  the first iteration, where sqrt(d2) would turn it into an error of ~1e-4 in D and in that
+  pixel's dominant weight. Exact distances for the ``num_near`` nearest ROI pixels of each
+  centre remove it at negligible cost (a gather of K * num_near rows).
+  """
+  b, n, _ = g.shape
+  num_near = min(num_near, n)
+
+  def refined(c):
+    d2 = sq_dist(c)  # (B, N, K)
+    k = d2.shape[-1]
+    score = jnp.where(roi[:, :, None], d2, jnp.inf)
+    _, near = jax.lax.top_k(-jnp.swapaxes(score, 1, 2), num_near)  # (B, K, M)
+    near_g = jnp.take_along_axis(g, near.reshape(b, k * num_near)[..., None], axis=1)
+    near_g = near_g.reshape(b, k, num_near, -1)
+    exact = jnp.sum(jnp.square(near_g - c[:, :, None, :]), axis=-1)
+    bi = jnp.arange(b)[:, None, None]
+    ki = jnp.arange(k)[None, :, None]
+    return d2.at[bi, near, ki].set(exact)
+
+  return refined
 
 
 def _direct_sq_dist(g):
-  """Exact squared distances by differences; (delta, u, sq_dist) as ``_split_sq_dist``."""
-  def sq_dist(v):
-    return jnp.sum(jnp.square(g[:, :, None, :] - v[:, None, :, :]), axis=-1)
-  return jnp.ones((g.shape[0], 1, 1), g.dtype), g, sq_dist
+  """Exact squared distances by differences: c (B, K, C) -> (B, N, K)."""
+  def sq_dist(c):
+    return jnp.sum(jnp.square(g[:, :, None, :] - c[:, None, :, :]), axis=-1)
+  return sq_dist
 
 
 def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
@@ -277,19 +301,19 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
   count = jnp.sum(roi_f, axis=1)
   # Distances are translation invariant; centring on the ROI mean keeps the split's grid (and
   # so its rounding) relative to the features' spread rather than their magnitude.
-  shift = jnp.einsum("bn,bnc->bc", roi_f, feat, precision=hi) / jnp.maximum(count, 1.0)[:, None]
-  g = feat - shift[:, None, :]
-  e = init_feat - shift[:, None, :]
+  shift = (jnp.einsum("bn,bnc->bc", roi_f, feat, precision=hi) /
+           jnp.maximum(count, 1.0)[:, None])[:, None, :]
+  g = feat - shift
+  centre = init_feat - shift
   if distance == "split":
-    delta, u, sq_dist = _split_sq_dist(g, roi, e)
+    sq_dist = _refine_nearest(_split_sq_dist(g, roi, centre), g, roi)
   else:
-    delta, u, sq_dist = _direct_sq_dist(g)
-  v = e / delta
-  v_xy = init_xy
+    sq_dist = _direct_sq_dist(g)
+  centre_xy = init_xy
   for _ in range(n_iter):
-    xy_d2 = (jnp.square(xy[None, :, None, 0] - v_xy[:, None, :, 0]) +
-             jnp.square(xy[None, :, None, 1] - v_xy[:, None, :, 1]))
-    dist = jnp.sqrt(jnp.maximum(sq_dist(v) + xy_d2 / 100.0, 0.0))  # (B, N, K)
+    xy_d2 = (jnp.square(xy[None, :, None, 0] - centre_xy[:, None, :, 0]) +
+             jnp.square(xy[None, :, None, 1] - centre_xy[:, None, :, 1]))
+    dist = jnp.sqrt(jnp.maximum(sq_dist(centre) + xy_d2 / 100.0, 0.0))  # (B, N, K)
     # exp(-D) normalised over the ROI, shifted by the ROI minimum: identical in exact arithmetic,
     # but never 0/0 when exp(-D) underflows for every ROI pixel.
     dist_min = jnp.min(jnp.where(roi[:, :, None], dist, jnp.inf), axis=1, keepdims=True)
@@ -297,11 +321,12 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
     assoc = jnp.where(roi[:, :, None], jnp.exp(-(dist - dist_min)), 0.0)
     total = jnp.sum(assoc, axis=1, keepdims=True)
     assoc = assoc / jnp.where(total > 0, total, 1.0)
-    v = jnp.einsum("bnk,bnc->bkc", assoc, u, precision=hi)
-    v_xy = jnp.einsum("bnk,nd->bkd", assoc, xy, precision=hi)
-  centres = v * delta + shift[:, None, :]
+    # Weighted sums of the raw features, as the reference: no centred copy to keep around.
+    raw = jnp.einsum("bnk,bnc->bkc", assoc, feat, precision=hi)
+    centre = raw - shift
+    centre_xy = jnp.einsum("bnk,nd->bkd", assoc, xy, precision=hi)
   # The reference sums over an empty ROI: all-zero centres.
-  return jnp.where((count > 0)[:, None, None], centres, 0.0)
+  return jnp.where((count > 0)[:, None, None], raw, 0.0)
 
 
 def _resolve_distance(distance: str) -> str:
@@ -332,10 +357,11 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
   gives all-zero centres, as the reference's sums over no pixels do.
 
   ``distance`` picks how ||f_p - c_i||^2 is evaluated: "direct" (differences; exact, best on
-  accelerators), "split" (an exact-integer + small-remainder matmul form, see
-  ``_split_sq_dist``; several times faster on XLA-CPU, prototypes within ~2e-6 relative of a
-  float64 evaluation where the plain matmul form is off by ~1e-4), or "auto" (split on CPU,
-  direct elsewhere).
+  accelerators), "split" (an exact-integer + small-remainder matmul form with the nearest pixels
+  recomputed exactly, see ``_split_sq_dist``; faster on XLA-CPU, where the direct form's channel
+  reduction is slow), or "auto" (split on CPU, direct elsewhere). Both keep prototypes within
+  ~1e-6 relative of a float64 evaluation (PyTorch float32: ~3e-7); the textbook matmul form
+  ||f||^2 - 2 f.c + ||c||^2 is off by ~1e-4 on smooth features.
 
   Everything here is a constant for differentiation (the reference computes it without grad).
 
@@ -343,7 +369,7 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
     feat: (B, h, w, C) support features (B = batch x shots, flattened by the caller).
     soft_mask: (B, h, w) support mask bilinearly (align_corners) resized to (h, w).
     seeds: (B, max_sp, 2) int seeds from ``place_seeds``.
-    n_iter: clustering iterations (static, >= 1).
+    n_iter: clustering iterations (static, >= 1; the reference would return zeros for 0).
     distance: "auto", "split" or "direct" (static).
 
   Returns:
