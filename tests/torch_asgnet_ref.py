@@ -68,9 +68,8 @@ class RefASGNet(nn.Module):
 
   def __init__(self, depth=50, bins=(60, 30, 15, 8), shot=1, train_iter=10, eval_iter=5):
     super().__init__()
-    r = torch_resnet_ref.ResNetRef(depth)
-    self.layer0 = _seq(r.conv1, r.bn1, nn.ReLU(), r.conv2, r.bn2, nn.ReLU(), r.conv3, r.bn3,
-                       nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    r = torch_resnet_ref.DeepStemResNet(depth)
+    self.layer0 = r.layer0
     self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
     d = 256
     self.cls = _seq(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(), nn.Dropout2d(0.1),

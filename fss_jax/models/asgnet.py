@@ -40,6 +40,9 @@ class ASGNet(nn.Module):
       statistics (per query / per shot call, as the reference's separate calls do) and updates
       its running statistics. Default False: backbone BN frozen (running statistics).
     backbone_dtype: compute dtype of the backbone (e.g. jnp.bfloat16); the head stays float32.
+    backbone_width / backbone_blocks: a narrower / shallower backbone (see ``ResNet``), e.g. for
+      training from scratch on the procedural dataset.
+    train_backbone: let gradients reach the backbone (default False: frozen, as the reference).
   """
   depth: int = 50
   bins: Sequence[Any] = PASCAL_BINS
@@ -50,6 +53,9 @@ class ASGNet(nn.Module):
   eval_iters: int = 5
   bn_batch_stats: bool = False
   backbone_dtype: Any = jnp.float32
+  backbone_width: int = 64
+  backbone_blocks: Optional[Sequence[int]] = None
+  train_backbone: bool = False
 
   @nn.compact
   def __call__(self, query: jax.Array, supp_images: jax.Array, supp_labels: jax.Array, *,
@@ -76,8 +82,11 @@ class ASGNet(nn.Module):
     _check_inputs(query, supp_images, supp_labels)
     deterministic = (not train) if deterministic is None else deterministic
 
-    # ---- Backbone (frozen: no gradient, as the reference's torch.no_grad) ----
-    backbone = resnet.ResNet(depth=self.depth, dtype=self.backbone_dtype, name="backbone")
+    # ---- Backbone (frozen by default: no gradient, as the reference's torch.no_grad) ----
+    backbone = resnet.ResNet(
+        depth=self.depth, dtype=self.backbone_dtype, width=self.backbone_width,
+        blocks=None if self.backbone_blocks is None else tuple(self.backbone_blocks),
+        name="backbone")
     use_running = not (train and self.bn_batch_stats)
     if self.is_initializing():
       # layer4 is never run by ASGNet but lives in the reference checkpoints; create it.
@@ -93,7 +102,9 @@ class ASGNet(nn.Module):
       groups = [query] + [supp_images[:, i] for i in range(k)]
       outs = [backbone(g, use_running_average=False, upto="layer3") for g in groups]
       feats = jnp.stack([jnp.concatenate([o["layer3"], o["layer2"]], -1) for o in outs], axis=1)
-    feats = jax.lax.stop_gradient(feats.astype(jnp.float32))  # (B,1+K,h,w,1536)
+    feats = feats.astype(jnp.float32)  # (B,1+K,h,w,1536)
+    if not self.train_backbone:
+      feats = jax.lax.stop_gradient(feats)
     h, w = feats.shape[2:4]
 
     # ---- Shared reduction: down_conv.0 (1x1, no bias) + Dropout2d(0.5), no ReLU ----

@@ -12,7 +12,7 @@ Variable names follow the PyTorch module paths with '.' → '_' (``layer1_0/down
 that the stem's convs and BNs are ``layer0/{conv,bn}{1,2,3}``; ``fss_jax.convert.keymap`` maps
 them to both the ImageNet file naming and the ASGNet checkpoint naming.
 """
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,6 @@ BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # (planes, stride, dilation) of layer1..layer4.
 _STAGES = ((64, 1, 1), (128, 2, 1), (256, 1, 2), (512, 1, 4))
 EXPANSION = 4
-STEM_CHANNELS = 128
 
 
 def check_input_size(height: int, width: int) -> None:
@@ -99,12 +98,14 @@ class TorchBatchNorm(nn.Module):
 
 
 class Stem(nn.Module):
-  """Deep stem (``layer0``): (B,H,W,3) → (B,(H-1)//4+1,(W-1)//4+1,128) for 8k+1 inputs."""
+  """Deep stem (``layer0``): (B,H,W,3) → (B,(H-1)//4+1,(W-1)//4+1,2·width) for 8k+1 inputs."""
   dtype: Any = jnp.float32
+  width: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-    for i, (features, stride) in enumerate(((64, 2), (64, 1), (STEM_CHANNELS, 1)), start=1):
+    w = self.width
+    for i, (features, stride) in enumerate(((w, 2), (w, 1), (2 * w, 1)), start=1):
       x = _conv(features, 3, stride, 1, 1, self.dtype, name=f"conv{i}")(x)
       x = TorchBatchNorm(dtype=self.dtype, name=f"bn{i}")(x, use_running_average)
       x = nn.relu(x)
@@ -143,9 +144,14 @@ class ResNet(nn.Module):
   Attributes:
     depth: 50 or 101.
     dtype: compute dtype (params and BN statistics stay float32).
+    width: base width (64 in ResNet-50/101; planes are width·(1,2,4,8), the stem 2·width).
+    blocks: blocks per stage, overriding ``depth`` (e.g. (1,1,1,1) for a small backbone trained
+      from scratch on small data).
   """
   depth: int = 50
   dtype: Any = jnp.float32
+  width: int = 64
+  blocks: Optional[Tuple[int, int, int, int]] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool = True,
@@ -162,7 +168,7 @@ class ResNet(nn.Module):
       {'layer0': (B,2k+1,2k+1,128), 'layer1': (B,2k+1,2k+1,256), 'layer2': (B,k+1,k+1,512),
        'layer3': (B,k+1,k+1,1024), 'layer4': (B,k+1,k+1,2048)} up to ``upto``.
     """
-    if self.depth not in BLOCKS:
+    if self.blocks is None and self.depth not in BLOCKS:
       raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS)}, got {self.depth}")
     if upto not in LAYERS:
       raise ValueError(f"upto must be one of {LAYERS}, got {upto!r}")
@@ -171,10 +177,13 @@ class ResNet(nn.Module):
     check_input_size(x.shape[1], x.shape[2])
     last = LAYERS.index(upto)
     x = x.astype(self.dtype)
-    feats = {"layer0": Stem(dtype=self.dtype, name="layer0")(x, use_running_average)}
+    feats = {"layer0": Stem(dtype=self.dtype, width=self.width, name="layer0")(
+        x, use_running_average)}
     x = feats["layer0"]
+    blocks_per_stage = self.blocks if self.blocks is not None else BLOCKS[self.depth]
     for stage, ((planes, stride, dilation), blocks) in enumerate(
-        zip(_STAGES, BLOCKS[self.depth]), start=1):
+        zip(_STAGES, blocks_per_stage), start=1):
+      planes = planes * self.width // 64
       if stage > last:
         break
       for i in range(blocks):
