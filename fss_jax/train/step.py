@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from fss_jax.train import losses
+from fss_jax.train import optim
 
 BATCH_KEYS = ("query", "supp_images", "supp_labels")
 
@@ -37,17 +38,9 @@ class TrainState:
     return v
 
 
-def split_params(params, train_backbone: bool):
-  """{'backbone': ..., head...} → (trainable, frozen) top-level dicts."""
-  frozen_keys = () if train_backbone else ("backbone",)
-  trainable = {k: v for k, v in params.items() if k not in frozen_keys}
-  frozen = {k: v for k, v in params.items() if k in frozen_keys}
-  return trainable, frozen
-
-
 def create_train_state(variables, tx: optax.GradientTransformation,
-                       train_backbone: bool = False) -> TrainState:
-  trainable, frozen = split_params(dict(variables["params"]), train_backbone)
+                       frozen_keys=("backbone",)) -> TrainState:
+  trainable, frozen = optim.split_params(dict(variables["params"]), frozen_keys)
   return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                     batch_stats=dict(variables.get("batch_stats", {})),
                     opt_state=tx.init(trainable))
