@@ -117,7 +117,7 @@ def _compare_with_reference(feat, soft, seeds, n_iter, distance, stable=False, d
 
 # ------------------------------------------------------------------------------- SGC ----------
 @pytest.mark.parametrize("distance,n_iter", [
-    ("split", 1), ("split", 5), ("split", 10), ("direct", 5)])
+    ("matmul", 1), ("matmul", 5), ("matmul", 10), ("direct", 5)])
 def test_sgc_matches_reference(distance, n_iter):
   rng = np.random.default_rng(n_iter)
   size, c = 161, 64  # 21 x 21 features.
@@ -136,13 +136,13 @@ def test_sgc_matches_reference(distance, n_iter):
 
 
 def test_sgc_full_size_smooth_features():
-  # C = 256 on a 60 x 60 grid: the production shape, where the split's grid is coarsest.
+  # C = 256 on a 60 x 60 grid: the production shape.
   rng = np.random.default_rng(5)
   masks = _episode_masks(rng, 3, 473)
   seeds = np.asarray(_place_seeds(jnp.asarray(masks))[0])
   assert np.all(np.asarray(sgc.effective_num_seeds(jnp.asarray(seeds))) >= 2)
   feat = _smooth_features(rng, 3, 60, 60, 256)
-  errs, _, _ = _compare_with_reference(feat, _soft_masks(masks, 60, 60), seeds, 5, "split")
+  errs, _, _ = _compare_with_reference(feat, _soft_masks(masks, 60, 60), seeds, 5, "matmul")
   assert errs["jax"] <= REL_TOL, errs
 
 
@@ -167,7 +167,7 @@ def _plain_matmul_sgc(feat, roi, seeds, n_iter):
 
 
 def test_data_is_hard_enough_for_the_plain_matmul_form():
-  """The reason for the split: the plain matmul form misses the tolerance on these features."""
+  """Why sgc refines the nearest pixels: the textbook matmul form misses the tolerance here."""
   rng = np.random.default_rng(5)
   masks = _episode_masks(rng, 3, 473)
   seeds = np.asarray(_place_seeds(jnp.asarray(masks))[0])
@@ -217,7 +217,7 @@ def test_fallback_is_masked_average():
     np.testing.assert_array_equal(protos[i, 1:], 0.0)
 
 
-@pytest.mark.parametrize("distance", ["split", "direct"])
+@pytest.mark.parametrize("distance", ["matmul", "direct"])
 def test_underflow_stays_finite(distance):
   # Seeds outside the ROI (possible: seeds and ROI sample the mask differently) and feature
   # distances in the thousands: exp(-D) is 0 for every ROI pixel and the reference gives NaN.

@@ -188,90 +188,42 @@ def _pixel_coords(h: int, w: int) -> np.ndarray:
   return np.stack([rr.reshape(-1), cc.reshape(-1)], -1).astype(np.float32)
 
 
-def _grid_step(max_abs, max_int: int):
-  """Smallest power of two >= max_abs / max_int (1 where max_abs is 0), per batch element."""
-  _, expo = jnp.frexp(max_abs / max_int)  # max_abs / max_int = m * 2**expo, m in [0.5, 1).
-  return jnp.where(max_abs > 0, jnp.ldexp(jnp.ones_like(max_abs), expo), 1.0)
+def _matmul_sq_dist(g, roi, num_near: int = 8):
+  """Squared distances ||g_p - c_k||^2 in matmul form, exact where it matters.
 
-
-def _split_sq_dist(g, roi, e):
-  """Accurate squared distances ||g_p - e_k||^2 at GEMM speed (an Ozaki-style split).
-
-  The plain matmul form ||g||^2 - 2 g.e + ||e||^2 cancels catastrophically for pixels close to
-  a centre, exactly the pixels with the largest weights (sqrt turns an absolute error eps in d^2
-  into ~sqrt(eps) near 0; on smooth features that costs ~1e-4 relative error in the prototypes).
-  The direct form (difference, square, sum) is exact but runs at elementwise speed on XLA-CPU.
-  Here, with a power-of-two grid step delta per shot, features and centres become u = uh + ul
-  in grid units, uh integers with |uh| <= Q and |ul| <= 1/2. The integer part ||uh - vh||^2 is
-  evaluated in matmul form exactly (float32 holds every partial sum: C (2Q)^2 <= 2^24), and only
-  the small remainder 2 (uh - vh).(ul - vl) + ||ul - vl||^2, expanded as
-  (2 uh.ul + ||ul||^2) + (2 vh.vl + ||vl||^2) - 2 (uh.vl + ul.v), carries rounding, about Q
-  times less than the plain form. ``_refine_nearest`` handles the pixels nearest each centre.
+  The expansion ||g||^2 - 2 g.c + ||c||^2 runs at GEMM speed but carries an absolute error of
+  ~eps |g|^2. That is harmless except where the distance itself is tiny: a pixel (nearly)
+  coinciding with a centre, as every seed pixel does in the first iteration, where
+  D = sqrt(d2) turns it into an error of ~sqrt(eps) |g| in D and so in that pixel's dominant
+  weight (~1e-4 relative error in the prototypes on smooth features). Recomputing the
+  ``num_near`` smallest distances of each centre by differences (a gather of K * num_near rows)
+  removes it; with features centred on their ROI mean the prototypes then agree with a float64
+  evaluation as closely as PyTorch's float32 direct form does (~5e-7 relative).
 
   Args:
-    g: (B, N, C) centred features.
-    roi: (B, N) bool; centres stay convex combinations of these pixels.
-    e: (B, K, C) initial centres, centred alike.
+    g: (B, N, C) features centred on their ROI mean.
+    roi: (B, N) bool region of interest.
+    num_near: how many nearest ROI pixels per centre to recompute.
 
   Returns:
-    A function of centred centres c (B, K, C) -> (B, N, K) squared distances.
+    A function of centres c (B, K, C), centred alike, -> (B, N, K) squared distances.
   """
   hi = jax.lax.Precision.HIGHEST
-  num_c = g.shape[-1]
-  max_int = max(1, int(np.floor(np.sqrt(2.0**24 / num_c) / 2.0)) - 1)
-  # Centres are convex combinations of ROI features, so this bound holds in every iteration.
-  max_abs = jnp.maximum(jnp.max(jnp.where(roi[..., None], jnp.abs(g), 0.0), axis=(1, 2)),
-                        jnp.max(jnp.abs(e), axis=(1, 2)))
-  delta = _grid_step(max_abs, max_int)[:, None, None]
-  u = g / delta  # Power-of-two scaling: exact.
-  # Any nearby integer will do (ties need no rule); floor is much faster than round on XLA-CPU.
-  uh = jnp.floor(u + 0.5)
-  ul = u - uh  # Exact: |ul| <= 1/2 and u, uh share the grid.
-  # Reductions, not matrix-vector products: the latter would materialise two more (B, N, C)
-  # temporaries, and fresh large buffers are what costs most here.
-  uh_sq = jnp.sum(jnp.square(uh), axis=-1)  # Exact integers.
-  u_rest = jnp.sum((u + uh) * ul, axis=-1)  # 2 uh.ul + ||ul||^2
-  delta_sq = jnp.square(delta)
+  b, n, _ = g.shape
+  num_near = min(num_near, n)
+  g_sq = jnp.sum(jnp.square(g), axis=-1)
 
   def sq_dist(c):
     k = c.shape[1]
-    v = c / delta  # Exact.
-    vh = jnp.floor(v + 0.5)
-    vl = v - vh
-    uh_prods = jnp.einsum("bnc,bkc->bnk", uh, jnp.concatenate([vh, vl], axis=1), precision=hi)
-    exact = uh_sq[:, :, None] - 2.0 * uh_prods[..., :k] + jnp.sum(jnp.square(vh), -1)[:, None, :]
-    cross = uh_prods[..., k:] + jnp.einsum("bnc,bkc->bnk", ul, v, precision=hi)
-    rest = u_rest[:, :, None] + jnp.sum((v + vh) * vl, -1)[:, None, :] - 2.0 * cross
-    return (exact + rest) * delta_sq
-
-  return sq_dist
-
-
-def _refine_nearest(sq_dist, g, roi, num_near: int = 8):
-  """Recomputes the few smallest squared distances of each centre by differences.
-
-  The split's remaining error is absolute (about Q times below the plain form's eps |g|^2), so
-  it only matters where the distance itself is tiny: a pixel (nearly) coinciding with a centre, as every seed pixel does in
-  the first iteration, where sqrt(d2) would turn it into an error of ~1e-4 in D and in that
-  pixel's dominant weight. Exact distances for the ``num_near`` nearest ROI pixels of each
-  centre remove it at negligible cost (a gather of K * num_near rows).
-  """
-  b, n, _ = g.shape
-  num_near = min(num_near, n)
-
-  def refined(c):
-    d2 = sq_dist(c)  # (B, N, K)
-    k = d2.shape[-1]
+    d2 = (g_sq[:, :, None] - 2.0 * jnp.einsum("bnc,bkc->bnk", g, c, precision=hi)
+          + jnp.sum(jnp.square(c), axis=-1)[:, None, :])
     score = jnp.where(roi[:, :, None], d2, jnp.inf)
     _, near = jax.lax.top_k(-jnp.swapaxes(score, 1, 2), num_near)  # (B, K, M)
     near_g = jnp.take_along_axis(g, near.reshape(b, k * num_near)[..., None], axis=1)
-    near_g = near_g.reshape(b, k, num_near, -1)
-    exact = jnp.sum(jnp.square(near_g - c[:, :, None, :]), axis=-1)
-    bi = jnp.arange(b)[:, None, None]
-    ki = jnp.arange(k)[None, :, None]
-    return d2.at[bi, near, ki].set(exact)
+    near_d2 = jnp.sum(jnp.square(near_g.reshape(b, k, num_near, -1) - c[:, :, None, :]), -1)
+    return d2.at[jnp.arange(b)[:, None, None], near, jnp.arange(k)[None, :, None]].set(near_d2)
 
-  return refined
+  return sq_dist
 
 
 def _direct_sq_dist(g):
@@ -291,7 +243,7 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
     init_xy: (B, K, 2) initial centres (coordinate part).
     xy: (N, 2) pixel coordinates.
     n_iter: number of iterations (static, >= 1).
-    distance: "split" or "direct" (see ``sgc_prototypes``).
+    distance: "matmul" or "direct" (see ``sgc_prototypes``).
 
   Returns:
     (B, K, C) final centres without coordinates; zeros where the ROI is empty.
@@ -299,14 +251,14 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
   hi = jax.lax.Precision.HIGHEST
   roi_f = roi.astype(feat.dtype)
   count = jnp.sum(roi_f, axis=1)
-  # Distances are translation invariant; centring on the ROI mean keeps the split's grid (and
-  # so its rounding) relative to the features' spread rather than their magnitude.
+  # Distances are translation invariant; centring on the ROI mean keeps the matmul form's
+  # rounding relative to the features' spread rather than their magnitude.
   shift = (jnp.einsum("bn,bnc->bc", roi_f, feat, precision=hi) /
            jnp.maximum(count, 1.0)[:, None])[:, None, :]
   g = feat - shift
   centre = init_feat - shift
-  if distance == "split":
-    sq_dist = _refine_nearest(_split_sq_dist(g, roi, centre), g, roi)
+  if distance == "matmul":
+    sq_dist = _matmul_sq_dist(g, roi)
   else:
     sq_dist = _direct_sq_dist(g)
   centre_xy = init_xy
@@ -331,9 +283,9 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
 
 def _resolve_distance(distance: str) -> str:
   if distance == "auto":
-    return "split" if jax.default_backend() == "cpu" else "direct"
-  if distance not in ("split", "direct"):
-    raise ValueError(f"sgc_prototypes: distance must be 'auto', 'split' or 'direct', got "
+    return "matmul" if jax.default_backend() == "cpu" else "direct"
+  if distance not in ("matmul", "direct"):
+    raise ValueError(f"sgc_prototypes: distance must be 'auto', 'matmul' or 'direct', got "
                      f"{distance!r}.")
   return distance
 
@@ -356,12 +308,12 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
   0/0 = NaN there; with huge feature scales this keeps the nearest pixels' weights). An empty ROI
   gives all-zero centres, as the reference's sums over no pixels do.
 
-  ``distance`` picks how ||f_p - c_i||^2 is evaluated: "direct" (differences; exact, best on
-  accelerators), "split" (an exact-integer + small-remainder matmul form with the nearest pixels
-  recomputed exactly, see ``_split_sq_dist``; faster on XLA-CPU, where the direct form's channel
-  reduction is slow), or "auto" (split on CPU, direct elsewhere). Both keep prototypes within
-  ~1e-6 relative of a float64 evaluation (PyTorch float32: ~3e-7); the textbook matmul form
-  ||f||^2 - 2 f.c + ||c||^2 is off by ~1e-4 on smooth features.
+  ``distance`` picks how ||f_p - c_i||^2 is evaluated: "direct" (differences, as the reference;
+  best on accelerators), "matmul" (||f||^2 - 2 f.c + ||c||^2 on ROI-centred features with each
+  centre's nearest pixels recomputed by differences, see ``_matmul_sq_dist``; several times
+  faster on XLA-CPU, where the direct form's channel reduction is slow), or "auto" (matmul on
+  CPU, direct elsewhere). Both keep prototypes within ~1e-6 relative of a float64 evaluation
+  (PyTorch float32: ~3e-7); the textbook matmul form alone is off by ~1e-4 on smooth features.
 
   Everything here is a constant for differentiation (the reference computes it without grad).
 
@@ -370,7 +322,7 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
     soft_mask: (B, h, w) support mask bilinearly (align_corners) resized to (h, w).
     seeds: (B, max_sp, 2) int seeds from ``place_seeds``.
     n_iter: clustering iterations (static, >= 1; the reference would return zeros for 0).
-    distance: "auto", "split" or "direct" (static).
+    distance: "auto", "matmul" or "direct" (static).
 
   Returns:
     protos: (B, max_sp, C) prototypes; invalid slots are zeros.
