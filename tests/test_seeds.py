@@ -167,10 +167,8 @@ def test_downsample_matches_opencv(size, out):
 
 
 def test_non_square_uses_natural_order():
-  rng = np.random.default_rng(11)
   mask = np.zeros((97, 65), np.uint8)
   cv2.ellipse(mask, (30, 50), (25, 40), 0.0, 0, 360, 1, -1)
-  del rng
   seeds, num_sp = sgc.place_seeds(jnp.asarray(mask)[None], avg_sp_area=5)
   want, want_n = _oracle_seeds(mask, avg_sp_area=5)
   assert want_n == 5
