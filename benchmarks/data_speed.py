@@ -96,6 +96,11 @@ class ReferenceStyleDataset:
         self.items.append((img, lab))
         for c in kept:
           self.class_files[c].append((img, lab))
+    # The reference loops forever when a class has <= shot images; leave such classes out
+    # (as fss_jax does) so that small --scenes runs finish. No effect at the default size.
+    self.usable = {c for c, files in self.class_files.items() if len(files) > shot}
+    self.items = [(img, lab) for img, lab in self.items
+                  if any((img, lab) in self.class_files[c] for c in self.usable)]
 
   def __len__(self):
     return len(self.items)
@@ -120,6 +125,7 @@ class ReferenceStyleDataset:
     classes = [c for c in np.unique(label).tolist() if c not in (0, 255)]
     classes = [c for c in classes if c in self.base and
                len(np.where(label == c)[0]) >= episodes.MIN_CLASS_PIXELS]
+    classes = [c for c in classes if c in self.usable]
     class_chosen = classes[random.randint(1, len(classes)) - 1]
     files = self.class_files[class_chosen]
     picked = []
@@ -165,14 +171,25 @@ def baseline_batches(folder, shot, size, batch, workers):
   import torch  # pylint: disable=g-import-not-at-top
   loader = torch.utils.data.DataLoader(
       ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-      worker_init_fn=_seed_worker, persistent_workers=True,
+      worker_init_fn=_seed_worker,
       # Forked workers hang in OpenCV's thread pool once the parent has used it.
       multiprocessing_context="spawn", timeout=300)
+  current = {}
 
   def gen():
     while True:
-      yield from loader
-  return gen(), None
+      current["it"] = iter(loader)
+      yield from current["it"]
+
+  def close():
+    if "it" in current:
+      try:
+        current["it"]._shutdown_workers()  # pylint: disable=protected-access
+      except RuntimeError as e:
+        # Spawned workers sometimes abort while exiting (a native thread torn down at
+        # interpreter exit); the timing is already done.
+        print(f"  (reference worker shutdown: {e})", flush=True)
+  return gen(), close
 
 
 def pipeline_batches(tf_dir, shot, size, batch, workers):
