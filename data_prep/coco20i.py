@@ -29,13 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any, Sequence
 
 import numpy as np
 
 from fss_jax.data import folds
 from fss_jax.data import schema
+
+try:
+  from data_prep import _cli
+except ImportError:  # run as a script: python data_prep/<name>.py
+  import _cli
 
 # --------------------------------------------------------------------------- masks
 
@@ -257,13 +261,9 @@ def main(argv: Sequence[str] | None = None) -> schema.Manifest:
                      fold_scheme=args.fold_scheme, year=args.year, skip_empty=args.skip_empty,
                      num_shards={"train": args.train_shards, "val": args.val_shards},
                      workers=args.workers, progress=not args.no_progress)
-  print(f"wrote {manifest.path}: " + ", ".join(
-      f"{s} {len(manifest.images(s))} images" for s in manifest.splits))
+  _cli.report(manifest)
   return manifest
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  _cli.run(main)

@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
 
 from fss_jax.data import folds
 from fss_jax.data import schema
+
+try:
+  from data_prep import _cli
+except ImportError:  # run as a script: python data_prep/<name>.py
+  import _cli
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _BACKGROUND_NAMES = ("background", "_background_", "__background__")
@@ -176,13 +180,9 @@ def main(argv: Sequence[str] | None = None) -> schema.Manifest:
                      seed=args.seed, num_folds=args.num_folds,
                      fold_assignment=args.fold_assignment, num_shards=args.shards,
                      workers=args.workers, progress=not args.no_progress)
-  print(f"wrote {manifest.path}: " + ", ".join(
-      f"{s} {len(manifest.images(s))} images" for s in manifest.splits))
+  _cli.report(manifest)
   return manifest
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  _cli.run(main)

@@ -34,6 +34,11 @@ import numpy as np
 
 from fss_jax.data import schema
 
+try:
+  from data_prep import _cli
+except ImportError:  # run as a script: python data_prep/<name>.py
+  import _cli
+
 SPLITS = ("train", "val", "test")
 IGNORE_PLACEHOLDER = "<ignore (id 255 is not a class)>"
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -206,13 +211,9 @@ def main(argv: Sequence[str] | None = None) -> schema.Manifest:
   manifest = convert(root=args.root, out_dir=args.out_dir, split_file=args.split_file,
                      seed=args.seed, resize_masks=args.resize_masks, workers=args.workers,
                      progress=not args.no_progress)
-  print(f"wrote {manifest.path}: " + ", ".join(
-      f"{s} {len(manifest.images(s))} images" for s in manifest.splits))
+  _cli.report(manifest)
   return manifest
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  _cli.run(main)
