@@ -142,7 +142,8 @@ def masked_average_pool(feat: jax.Array, mask: jax.Array, eps: float = 0.0005) -
         f"masked_average_pool: expected feat (B, h, w, C) and mask (B, h, w), got "
         f"{feat.shape} and {mask.shape}.")
   mask = mask.astype(feat.dtype)
-  total = jnp.sum(feat * mask[..., None], axis=(1, 2))
+  # A contraction, not a broadcast product: no (B,h,w,C) temporary (several times faster on CPU).
+  total = jnp.einsum("bhwc,bhw->bc", feat, mask, precision=jax.lax.Precision.HIGHEST)
   area = jnp.sum(mask, axis=(1, 2))[:, None]
   return total / (area + eps)
 
