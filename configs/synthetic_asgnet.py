@@ -28,7 +28,7 @@ def get_config(arg=None):
   config.data.synthetic = ml_collections.ConfigDict(dict(
       num_train=2000, num_val=500, source_size=128, seed=0))
 
-  config.model.backbone = "resnet_small"
+  configs_lib.set_backbone(config, "resnet_small")
   config.model.bins = (1.0, 0.5, 0.25, 0.125)
   config.model.reduce_dim = 64
   config.model.bn_mode = "batch_stats"

@@ -22,7 +22,7 @@ def get_config(arg=None):
   config.data.synthetic = ml_collections.ConfigDict(dict(
       num_train=24, num_val=12, source_size=80, seed=0))
 
-  config.model.backbone = "resnet_small"
+  configs_lib.set_backbone(config, "resnet_small")
   config.model.bins = (1.0, 0.5)
   config.model.reduce_dim = 16
   config.model.train_iters = 2

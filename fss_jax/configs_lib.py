@@ -19,6 +19,10 @@ BACKBONES = {
     "resnet101": ("resnet", 101),
     "resnet_small": ("resnet_small", 50),
 }
+# The small backbone trained from scratch on the procedural dataset: planes 16·(1,2,4,8), one
+# bottleneck per stage (layer2 128 + layer3 256 channels into the head).
+SMALL_WIDTH = 16
+SMALL_BLOCKS = (1, 1, 1, 1)
 COMMON_ARGS = {"fold": 0, "shot": 1, "backbone": "", "depth": 0}
 
 _TRUE = ("1", "true", "yes", "on")
@@ -118,6 +122,8 @@ def asgnet_base_config() -> ml_collections.ConfigDict:
   c.model.max_sp = 5
   c.model.bn_mode = "frozen"           # 'frozen' | 'batch_stats' (the reference's train-mode quirk)
   c.model.backbone_dtype = "float32"   # 'float32' | 'bfloat16'
+  c.model.backbone_width = 64          # 64 = ResNet-50/101; resnet_small: 16
+  c.model.backbone_blocks = ()         # () = from depth; resnet_small: (1, 1, 1, 1)
   c.model.backbone_weights = ""        # ImageNet .pth (PyTorch) or .msgpack; '' = random init
 
   c.train = ml_collections.ConfigDict()
@@ -136,6 +142,7 @@ def asgnet_base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 0         # steps; 0: at each evaluation and at the end
   c.train.keep_checkpoints = 3
   c.train.select_on = "novel"          # 'novel' (reference) | 'base_heldout'
+  c.train.eval_at_start = False        # evaluate the initial model too (the untrained baseline)
   c.train.seed = 321
   return c
 
@@ -156,12 +163,24 @@ def apply_common_args(config: ml_collections.ConfigDict, args: Mapping[str, Any]
     family, bdepth = BACKBONES[backbone]
     if depth and family == "resnet" and depth != bdepth:
       raise ValueError(f"Config arguments backbone={backbone} and depth={depth} disagree.")
-    config.model.backbone = family
-    config.model.depth = bdepth
+    set_backbone(config, family, bdepth)
   if depth:
     if depth not in (50, 101):
       raise ValueError(f"Config argument depth={depth}; allowed: 50, 101.")
     config.model.depth = depth
+  return config
+
+
+def set_backbone(config: ml_collections.ConfigDict, family: str,
+                 depth: int = 50) -> ml_collections.ConfigDict:
+  """Sets ``model.backbone`` / ``depth`` / ``backbone_width`` / ``backbone_blocks`` together."""
+  if family not in ("resnet", "resnet_small"):
+    raise ValueError(f"Unknown backbone family {family!r}; allowed: resnet, resnet_small.")
+  config.model.backbone = family
+  config.model.depth = int(depth)
+  small = family == "resnet_small"
+  config.model.backbone_width = SMALL_WIDTH if small else 64
+  config.model.backbone_blocks = SMALL_BLOCKS if small else ()
   return config
 
 
@@ -186,6 +205,12 @@ def validate_config(config: ml_collections.ConfigDict, num_folds: int = 4) -> No
     bad("model.depth", m.depth, "must be 50 or 101")
   if m.bn_mode not in ("frozen", "batch_stats"):
     bad("model.bn_mode", m.bn_mode, "must be 'frozen' or 'batch_stats'")
+  if m.backbone not in ("resnet", "resnet_small"):
+    bad("model.backbone", m.backbone, "must be 'resnet' or 'resnet_small'")
+  if m.backbone_width < 1 or m.backbone_width % 4:
+    bad("model.backbone_width", m.backbone_width, "must be a positive multiple of 4")
+  if len(m.backbone_blocks) not in (0, 4) or any(int(b) < 1 for b in m.backbone_blocks):
+    bad("model.backbone_blocks", m.backbone_blocks, "must be () or four counts >= 1")
   if m.backbone_dtype not in ("float32", "bfloat16"):
     bad("model.backbone_dtype", m.backbone_dtype, "must be 'float32' or 'bfloat16'")
   if t.select_on not in ("novel", "base_heldout"):

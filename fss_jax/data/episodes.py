@@ -226,22 +226,33 @@ def eval_episodes(images: Sequence[Mapping], novel: Collection[int], shot: int,
   return episodes
 
 
-def eval_episode_list(manifest, split: str, fold: int, shot: int, num_episodes: int,
-                      seed: int, min_pixels: int = MIN_CLASS_PIXELS) -> list[Episode]:
-  """`eval_episodes` for fold `fold` of a loaded `schema.Manifest`."""
+def fold_classes(manifest, fold: int, which: str = "novel") -> list[int]:
+  """The novel classes of `fold`, or (`which="base"`) every other class, sorted."""
   if not 0 <= fold < len(manifest.novel_folds):
     raise ValueError(f"{manifest.path}: fold {fold} out of range "
                      f"(dataset has {len(manifest.novel_folds)} folds)")
-  return eval_episodes(manifest.images(split), manifest.novel_folds[fold], shot,
+  novel = sorted(int(c) for c in manifest.novel_folds[fold])
+  if which == "novel":
+    return novel
+  if which == "base":
+    return [c for c in range(1, manifest.num_classes + 1) if c not in set(novel)]
+  raise ValueError(f"which must be 'novel' or 'base', got {which!r}")
+
+
+def eval_episode_list(manifest, split: str, fold: int, shot: int, num_episodes: int,
+                      seed: int, min_pixels: int = MIN_CLASS_PIXELS,
+                      which: str = "novel") -> list[Episode]:
+  """`eval_episodes` for fold `fold` of a loaded `schema.Manifest`.
+
+  `which="base"` draws episodes of the fold's base classes instead (held-out base-class
+  validation on the evaluation split, for model selection without looking at novel classes).
+  """
+  return eval_episodes(manifest.images(split), fold_classes(manifest, fold, which), shot,
                        num_episodes, seed, min_pixels)
 
 
 def train_sampler_for_fold(manifest, split: str, fold: int, shot: int,
                            min_pixels: int = MIN_CLASS_PIXELS) -> TrainSampler:
   """`train_episode_sampler` with the base classes of fold `fold` of a Manifest."""
-  if not 0 <= fold < len(manifest.novel_folds):
-    raise ValueError(f"{manifest.path}: fold {fold} out of range "
-                     f"(dataset has {len(manifest.novel_folds)} folds)")
-  novel = set(manifest.novel_folds[fold])
-  base = [c for c in range(1, manifest.num_classes + 1) if c not in novel]
-  return train_episode_sampler(manifest.images(split), base, shot, min_pixels)
+  return train_episode_sampler(manifest.images(split), fold_classes(manifest, fold, "base"),
+                               shot, min_pixels)

@@ -274,7 +274,7 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
                  process_count: int = 1, num_workers: int = 0, *, split: str = "val",
                  original_label: bool = False, orig_label_size: int | None = None,
                  min_pixels: int = episodes_lib.MIN_CLASS_PIXELS,
-                 read_threads: int = 1) -> grain.IterDataset:
+                 read_threads: int = 1, classes: str = "novel") -> grain.IterDataset:
   """Finite stream of evaluation batches over exactly `num_episodes` episodes.
 
   Episode i (of `episodes.eval_episodes(..., seed)`) goes to process i % process_count.
@@ -288,12 +288,13 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
     num_episodes: N (the reference: 1000 PASCAL, 20000 COCO).
     original_label: also return orig_label / orig_size for original-size evaluation.
     orig_label_size: side M of orig_label; default: the largest side in the split.
+    classes: 'novel' (the protocol) or 'base' (held-out base-class episodes of the split).
   """
   _check_process(process_index, process_count)
   transforms.check_size(image_size)
   manifest = schema.load_manifest(dataset_dir)
   eps = episodes_lib.eval_episode_list(manifest, split, fold, shot, num_episodes, seed,
-                                       min_pixels)
+                                       min_pixels, which=classes)
   reader = manifest.source(split).reader
   size = None
   if original_label:

@@ -19,6 +19,7 @@ import colorsys
 import dataclasses
 import multiprocessing
 import os
+import sys
 from typing import Iterator, Sequence
 
 import cv2
@@ -415,7 +416,9 @@ def generate_split(seed: int, split: str, num: int,
   if workers <= 0:
     yield from map(_render_encoded, jobs)
     return
-  ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
+  # fork is fastest, but not safe once JAX (multithreaded) is loaded, e.g. in the trainer.
+  spawn = os.name == "nt" or "jax" in sys.modules
+  ctx = multiprocessing.get_context("spawn" if spawn else "fork")
   with ctx.Pool(workers) as pool:
     yield from pool.imap(_render_encoded, jobs, chunksize=16)
 

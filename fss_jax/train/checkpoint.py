@@ -22,6 +22,7 @@ import time
 from typing import Any, Mapping, NamedTuple, Optional
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
@@ -174,7 +175,9 @@ class CheckpointManager:
     Args:
       step: checkpoint step; None for the latest.
       state_template: pytree with the state's structure (concrete arrays or
-        ``jax.ShapeDtypeStruct`` with shardings); None restores the saved structure as-is.
+        ``jax.ShapeDtypeStruct`` with shardings); None restores the saved structure (nested
+        dicts) with every array on this process's first device, whatever the topology it was
+        saved from.
       data_iterator: if given, its state is set in place from the checkpoint.
 
     Returns:
@@ -188,6 +191,8 @@ class CheckpointManager:
     if step not in self.all_steps():
       raise FileNotFoundError(
           f"No checkpoint for step {step} in {self.directory} (have {self.all_steps()}).")
+    if state_template is None:
+      state_template = self._local_template(step)
     items = {STATE: ocp.args.StandardRestore(state_template), METADATA: ocp.args.JsonRestore()}
     if data_iterator is not None:
       if not os.path.isdir(os.path.join(self.directory, str(step), DATA_ITER)):
@@ -197,6 +202,18 @@ class CheckpointManager:
       items[DATA_ITER] = grain.checkpoint.CheckpointRestore(_iterator_item(data_iterator))
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
     return Restored(int(step), out[STATE], dict(out[METADATA]))
+
+  def _local_template(self, step: int) -> Any:
+    """The saved state's structure, every array placed on this process's first device.
+
+    Lets a checkpoint written on another topology (8 devices, several hosts) be read here.
+    """
+    tree = self._manager.item_metadata(step)[STATE]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    to_struct = lambda x: (jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=device)
+                           if is_array(x) else x)
+    return jax.tree.map(to_struct, dict(tree), is_leaf=is_array)
 
   def read_metadata(self, step: int) -> dict:
     """The metadata item of ``step`` (no state is read)."""

@@ -58,10 +58,13 @@ def maybe_initialize_distributed(flag: Optional[bool] = None) -> bool:
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
   """1-D mesh with axis ``"data"`` over all devices (or the given ones)."""
+  # Auto axis: shardings of intermediates are left to the compiler (jit + in/out shardings),
+  # not carried in the types as with Explicit axes.
+  auto = (jax.sharding.AxisType.Auto,)
   if devices is None:
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=auto)
   devices = list(devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices, axis_types=auto)
 
 
 def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -1,0 +1,217 @@
+"""Few-shot evaluation: the reference protocol, original-label scoring, and multi-seed runs.
+
+Protocol (reference ``tool/test.py``, see docs): a fixed list of N episodes drawn with a fixed
+seed (``data.episodes.eval_episodes``), each scored by foreground/background intersection and
+union; class-wise mIoU = mean over the fold's novel classes of Σ inter / Σ union, FB-IoU = mean
+over {bg, fg} of the global Σ inter / Σ union. The multi-seed protocol repeats this with several
+seeds and reports mean ± std.
+
+One batch: host-local episodes → global arrays sharded over ``"data"`` → jitted forward +
+per-episode (inter, union) on device → this process's rows back to the host →
+``FewShotMeter``; meters are summed over processes at the end (``metrics.gather_meter``).
+
+Original-label evaluation (``data.original_label_eval``): the reference upsamples the logits
+of the whole S×S canvas (bilinear, align_corners) to L×L, L = max(H, W) of the original label,
+and scores against the original label padded with 255 to that square. Here the per-episode L
+varies inside a batch, so the resize is written as a per-episode interpolation matrix onto a
+fixed M×M canvas (M = the largest L of the split); rows and columns ≥ L fall on 255 padding.
+"""
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fss_jax.data import pipeline
+from fss_jax.data import schema
+from fss_jax.train import logging as logging_lib
+from fss_jax.train import metrics as metrics_lib
+from fss_jax.train import sharding
+from fss_jax.train import step as step_lib
+
+
+def _per_sample_ac_weights(in_size: int, out_sizes: jax.Array, canvas: int) -> jax.Array:
+  """(B, canvas, in_size) align-corners interpolation rows onto out_sizes[b] outputs.
+
+  Row i < L samples source coordinate i·(in−1)/(L−1) (0 when L == 1); rows ≥ L are zero.
+  """
+  L = out_sizes.astype(jnp.float32)[:, None]                     # (B,1)
+  i = jnp.arange(canvas, dtype=jnp.float32)[None, :]              # (1,M)
+  scale = jnp.where(L > 1, (in_size - 1) / jnp.maximum(L - 1, 1), 0.0)
+  src = i * scale
+  i0 = jnp.minimum(jnp.floor(src), in_size - 1)
+  i1 = jnp.minimum(i0 + 1, in_size - 1)
+  frac = src - i0
+  cols = jnp.arange(in_size, dtype=jnp.float32)
+  w = ((cols == i0[..., None]) * (1 - frac)[..., None]
+       + (cols == i1[..., None]) * frac[..., None])               # (B,M,in)
+  return jnp.where((i < L)[..., None], w, 0.0)
+
+
+def resize_to_original(x: jax.Array, sizes: jax.Array, canvas: int) -> jax.Array:
+  """Per-episode align-corners bilinear resize of a map to its own L×L, on an M×M canvas.
+
+  Args:
+    x: (B, S, S) map (e.g. foreground − background logit).
+    sizes: (B,) int target side L_b ≤ canvas.
+    canvas: M.
+  Returns:
+    (B, M, M): the top-left L_b×L_b block is ``F.interpolate(x_b, (L_b, L_b), 'bilinear',
+    align_corners=True)``; the rest is 0.
+  """
+  s = x.shape[1]
+  w = _per_sample_ac_weights(s, sizes, canvas)
+  hi = jax.lax.Precision.HIGHEST
+  y = jnp.einsum("bms,bst->bmt", w, x.astype(jnp.float32), precision=hi)
+  return jnp.einsum("bnt,bmt->bmn", w, y, precision=hi)
+
+
+def episode_scores(model, variables, batch: Mapping[str, jax.Array],
+                   original_label: bool = False):
+  """Forward + per-episode (inter, union), each (B, 2) int32 [bg, fg]."""
+  out = model.apply(variables, *(batch[k] for k in step_lib.BATCH_KEYS), train=False)
+  logits = out["logits"]
+  if not original_label:
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return metrics_lib.batch_stats(pred, batch["query_label"])
+  label = batch["orig_label"]
+  side = jnp.max(batch["orig_size"], axis=-1)
+  diff = resize_to_original(logits[..., 1] - logits[..., 0], side, label.shape[-1])
+  pred = (diff > 0).astype(jnp.int32)  # argmax over 2 classes: ties go to background
+  return metrics_lib.batch_stats(pred, label)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in local batch order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  rows, seen = [], set()
+  for s in shards:
+    start = s.index[0].start or 0
+    if start not in seen:  # replicated shards over other axes would repeat rows
+      seen.add(start)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
+
+
+@dataclasses.dataclass
+class EvalResult:
+  """One evaluation run: the (process-summed) meter and the classes it is averaged over."""
+  meter: metrics_lib.FewShotMeter
+  classes: list
+  seed: int
+  names: dict
+
+  @property
+  def miou(self) -> float:
+    return self.meter.miou(self.classes)
+
+  @property
+  def fbiou(self) -> float:
+    return self.meter.fbiou()
+
+  def summary(self, prefix: str = "") -> dict:
+    return self.meter.summary(self.classes, prefix=prefix)
+
+  def table(self) -> str:
+    return self.meter.format_table(self.classes, self.names)
+
+
+class Evaluator:
+  """Evaluates variables of a model on a dataset's fold with the few-shot protocol.
+
+  Args:
+    model: the Flax model (``model.apply(variables, query, supp_images, supp_labels,
+      train=False)`` → dict with ``logits``).
+    mesh: the ``"data"`` mesh.
+    dataset_dir: converted dataset (manifest + TFRecords).
+    fold, shot, image_size: the task.
+    batch_size: global evaluation batch (divisible by the device count).
+    num_episodes: N.
+    classes: 'novel' (protocol) or 'base' (held-out base-class episodes, for selection).
+    split: manifest split ('val').
+    original_label: score against the original-size labels (see module docstring).
+    num_workers, read_threads, min_pixels: data-pipeline settings.
+  """
+
+  def __init__(self, model, mesh, dataset_dir: str, *, fold: int, shot: int, image_size: int,
+               batch_size: int, num_episodes: int, classes: str = "novel", split: str = "val",
+               original_label: bool = False, num_workers: int = 0, read_threads: int = 1,
+               min_pixels: int = 2 * 32 * 32):
+    self.model = model
+    self.mesh = mesh
+    self.dataset_dir = dataset_dir
+    self.fold, self.shot, self.image_size = int(fold), int(shot), int(image_size)
+    self.global_batch = int(batch_size)
+    self.local_batch = sharding.local_batch_size(self.global_batch, mesh)
+    self.num_episodes = int(num_episodes)
+    self.which = classes
+    self.split = split
+    self.original_label = bool(original_label)
+    self.num_workers, self.read_threads, self.min_pixels = num_workers, read_threads, min_pixels
+    manifest = schema.load_manifest(dataset_dir)
+    from fss_jax.data import episodes  # pylint: disable=g-import-not-at-top
+    self.classes = episodes.fold_classes(manifest, self.fold, classes)
+    self.names = {c: manifest.classes[c - 1] for c in self.classes}
+    self._fn = jax.jit(
+        lambda v, b: episode_scores(model, v, b, self.original_label),
+        out_shardings=sharding.data_sharding(mesh))
+
+  def num_batches(self) -> int:
+    return pipeline.eval_batches_per_process(self.num_episodes, self.local_batch,
+                                             jax.process_count())
+
+  def run(self, variables: Any, seed: int, progress: bool = False,
+          desc: str = "eval") -> EvalResult:
+    """Evaluates ``variables`` (replicated on the mesh) on the episodes of ``seed``."""
+    ds = pipeline.eval_dataset(
+        self.dataset_dir, self.fold, self.shot, self.image_size, int(seed), self.local_batch,
+        self.num_episodes, jax.process_index(), jax.process_count(), self.num_workers,
+        split=self.split, original_label=self.original_label, min_pixels=self.min_pixels,
+        read_threads=self.read_threads, classes=self.which)
+    keys = list(step_lib.BATCH_KEYS) + (
+        ["orig_label", "orig_size"] if self.original_label else ["query_label"])
+    meter = metrics_lib.FewShotMeter(self.classes)
+    bar = logging_lib.ProgressBar(self.num_batches(), desc=desc, unit="batch",
+                                  enabled=None if progress else False)
+    try:
+      for batch in ds:
+        device_batch = sharding.host_batch_to_global({k: batch[k] for k in keys}, self.mesh)
+        inter, union = self._fn(variables, device_batch)
+        meter.update_batch(batch["class_id"], _local_rows(inter), _local_rows(union),
+                           batch["valid"])
+        bar.update(1)
+    finally:
+      bar.close()
+    meter = metrics_lib.gather_meter(meter)
+    if meter.num_episodes != self.num_episodes:
+      raise RuntimeError(f"evaluation scored {meter.num_episodes} episodes, expected "
+                         f"{self.num_episodes} (seed {seed}).")
+    return EvalResult(meter, list(self.classes), int(seed), self.names)
+
+  def run_seeds(self, variables: Any, seeds: Sequence[int], progress: bool = False,
+                log: Optional[Callable[[str], None]] = None) -> dict:
+    """Multi-seed protocol: one run per seed; returns {'runs', 'miou', 'fbiou'} with mean/std.
+
+    ``miou`` / ``fbiou`` are ``metrics.mean_std`` dicts; ``runs`` the ``EvalResult`` list.
+    """
+    runs = []
+    for seed in seeds:
+      r = self.run(variables, seed, progress=progress, desc=f"eval seed {seed}")
+      if log is not None:
+        log(f"seed {seed}: mIoU {100 * r.miou:.2f}  FB-IoU {100 * r.fbiou:.2f}")
+      runs.append(r)
+    return {"runs": runs,
+            "miou": metrics_lib.mean_std([r.miou for r in runs]),
+            "fbiou": metrics_lib.mean_std([r.fbiou for r in runs])}
+
+
+def format_seeds(result: Mapping[str, Any]) -> str:
+  """'mIoU 55.20 ± 0.41  FB-IoU 70.10 ± 0.30 (5 seeds)' from ``run_seeds``' result."""
+  m, f = result["miou"], result["fbiou"]
+  std = lambda d: "" if d["n"] < 2 or math.isnan(d["std"]) else f" ± {100 * d['std']:.2f}"
+  return (f"mIoU {100 * m['mean']:.2f}{std(m)}  FB-IoU {100 * f['mean']:.2f}{std(f)} "
+          f"({m['n']} seed{'s' if m['n'] != 1 else ''})")

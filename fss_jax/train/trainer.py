@@ -1,0 +1,392 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+One step, end to end:
+  Grain iterator (this process's episodes, ``data.pipeline.train_dataset``)
+  → ``sharding.host_batch_to_global`` (global arrays split over the ``"data"`` mesh axis)
+  → jitted ``step.train_step`` (replicated state, donated) → metrics, fetched every
+  ``train.log_every`` steps → ``metrics.jsonl`` / TensorBoard / progress line.
+Every ``eval_every`` steps the evaluator runs on the selection episodes (novel classes as the
+reference, or held-out base classes) and a checkpoint is saved with that score, so the manager
+keeps the last N plus the best. At the end the best checkpoint is evaluated on the novel classes
+with every ``data.eval_seeds`` seed and the result is written to ``final_metrics.json``.
+
+Restarts: the workdir's latest checkpoint (train state + Grain iterator state) is restored
+automatically, so a killed run continues with exactly the batches and random numbers it would
+have seen (per-step randomness is ``fold_in(seed, step)``). SIGTERM / SIGINT save a checkpoint at
+the next step boundary and return; a non-finite loss stops the run without saving.
+"""
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fss_jax import configs_lib
+from fss_jax.data import episodes as episodes_lib
+from fss_jax.data import pipeline
+from fss_jax.data import schema
+from fss_jax.data import transforms
+from fss_jax.models import builder
+from fss_jax.train import checkpoint as ckpt_lib
+from fss_jax.train import evaluator as evaluator_lib
+from fss_jax.train import logging as logging_lib
+from fss_jax.train import optim
+from fss_jax.train import sharding
+from fss_jax.train import step as step_lib
+
+SELECT_METRIC = "select/miou"
+GENERATOR_FILE = "generator.json"
+
+
+def log(msg: str) -> None:
+  """One line on stdout from process 0."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _synthetic_settings(config) -> dict:
+  s = config.data.synthetic
+  return {"num_train": int(s.num_train), "num_val": int(s.num_val),
+          "image_size": int(s.source_size), "seed": int(s.seed)}
+
+
+def prepare_dataset(config) -> str:
+  """The dataset directory of ``config.data``; generates the procedural dataset on first use.
+
+  For ``data.dataset == 'synthetic'`` the scenes are generated into ``data.data_dir`` (with a
+  ``generator.json`` of the settings) when the directory holds no manifest yet; process 0
+  generates while the others wait, and a process that still sees no data afterwards (no shared
+  file system) generates its own identical copy. A directory generated with other settings is
+  an error, not silently reused.
+  """
+  d = config.data
+  if not d.data_dir:
+    raise ValueError("config.data.data_dir is empty: set it to the converted dataset "
+                     "(data_prep/*.py --out_dir) or, for 'synthetic', to a cache folder.")
+  path = os.path.abspath(os.path.expanduser(d.data_dir))
+  manifest = os.path.join(path, schema.MANIFEST_NAME)
+  if d.dataset != "synthetic":
+    if not os.path.isfile(manifest):
+      raise FileNotFoundError(
+          f"config.data.data_dir={d.data_dir!r}: no {schema.MANIFEST_NAME} in {path}. Convert "
+          f"the dataset first (data_prep/{d.dataset}.py --out_dir {path}).")
+    return path
+  want = _synthetic_settings(config)
+  if jax.process_index() == 0 and not os.path.isfile(manifest):
+    _generate(path, want)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("fss_jax_prepare_dataset")
+    if not os.path.isfile(manifest):
+      _generate(path, want)
+  gen_file = os.path.join(path, GENERATOR_FILE)
+  have = None
+  if os.path.isfile(gen_file):
+    with open(gen_file) as f:
+      have = json.load(f)
+  if have is not None and have != want:
+    raise ValueError(
+        f"{path} holds a procedural dataset generated with {have}, but config.data.synthetic "
+        f"asks for {want}. Delete the folder or set config.data.data_dir elsewhere.")
+  return path
+
+
+def _generate(path: str, settings: dict) -> None:
+  from fss_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  print(f"Generating the procedural dataset {settings} into {path} ...", flush=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  synthetic.write_synthetic_dataset(tmp, workers=min(4, os.cpu_count() or 1), progress=False,
+                                    **settings)
+  with open(os.path.join(tmp, GENERATOR_FILE), "w") as f:
+    json.dump(settings, f)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  try:
+    os.rename(tmp, path)
+  except OSError:
+    # Someone else finished first (or an empty folder exists): keep theirs if complete.
+    if not os.path.isfile(os.path.join(path, schema.MANIFEST_NAME)):
+      if os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+        os.rename(tmp, path)
+      else:
+        raise
+  print(f"  done in {time.time() - t0:.0f} s", flush=True)
+
+
+def train_aug(config) -> transforms.TrainAugConfig:
+  d = config.data
+  return transforms.TrainAugConfig(size=int(d.image_size), scale=tuple(d.scale),
+                                   rotate=tuple(d.rotate))
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+class Plan:
+  """Step counts derived from the config and the dataset size."""
+
+  def __init__(self, config, num_train_queries: int):
+    t, d = config.train, config.data
+    self.steps_per_epoch = max(1, num_train_queries // int(d.train_batch_size))
+    self.total_steps = optim.total_steps_from_config(config, self.steps_per_epoch)
+    self.eval_every = int(t.eval_every) or int(t.eval_every_epochs) * self.steps_per_epoch
+    self.checkpoint_every = int(t.checkpoint_every) or self.eval_every or self.total_steps
+    self.log_every = max(1, int(t.log_every))
+
+  def is_eval_step(self, step: int) -> bool:
+    return bool(self.eval_every) and step % self.eval_every == 0
+
+  def is_checkpoint_step(self, step: int) -> bool:
+    return step % self.checkpoint_every == 0 or step == self.total_steps
+
+
+class _StopRequest:
+  """SIGTERM / SIGINT → finish the current step, save, return. A second SIGINT aborts."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f"\nReceived {signal.Signals(signum).name}: saving a checkpoint after this step "
+          "(Ctrl-C again to abort without saving).", file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def requested(self) -> bool:
+    flag = self.signum is not None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+    return flag
+
+
+def _abstract(tree, shard):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard), tree)
+
+
+def _mean_metrics(pending: list) -> dict:
+  pending = jax.device_get(pending)
+  out = {}
+  for k in pending[0]:
+    if k == "finite":
+      continue
+    out[k] = float(np.mean([p[k] for p in pending]))
+  return out
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def train_and_evaluate(config, workdir: str,
+                       step_hook: Optional[Callable[[int, Any, dict], None]] = None) -> dict:
+  """Trains (resuming from ``workdir`` if it holds checkpoints), evaluates, returns a summary.
+
+  Args:
+    config: a config of ``configs/`` (validated again here, after command-line overrides).
+    workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json,
+      final_metrics.json.
+    step_hook: called as ``hook(step, state, host_batch)`` after every step, with this
+      process's part of the batch (tests, custom logging).
+
+  Returns:
+    dict with ``step`` (steps done), ``stopped`` (True when interrupted by a signal) and, when
+    training completed, the final evaluation ``final`` (see ``final_metrics.json``).
+  """
+  configs_lib.validate_config(config)
+  d, t = config.data, config.train
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  dataset_dir = prepare_dataset(config)
+  mesh = sharding.make_mesh()
+  local_batch = sharding.local_batch_size(int(d.train_batch_size), mesh)
+  manifest = schema.load_manifest(dataset_dir)
+  sampler = episodes_lib.train_sampler_for_fold(manifest, d.train_split, d.fold, d.shot,
+                                                d.min_class_pixels)
+  plan = Plan(config, len(sampler))
+  log(f"fss_jax: {jax.process_count()} process(es), {jax.device_count()} "
+      f"{jax.devices()[0].platform} device(s); dataset {dataset_dir} fold {d.fold} "
+      f"{d.shot}-shot; {len(sampler)} training queries, {plan.total_steps} steps "
+      f"(batch {d.train_batch_size}, {plan.steps_per_epoch} steps/epoch)")
+
+  # ---- model, optimiser, state ----
+  model = builder.build_model(config)
+  init_rng, train_rng = jax.random.split(jax.random.key(int(t.seed)))
+  variables = builder.init_variables(model, d.image_size, d.shot, init_rng)
+  if config.model.backbone_weights:
+    variables = builder.load_backbone(variables, config.model.backbone_weights,
+                                      config.model.depth)
+    log(f"backbone weights: {config.model.backbone_weights}")
+  elif "backbone" in tuple(t.frozen_keys):
+    log("WARNING: config.model.backbone_weights is empty and the backbone is frozen: training "
+        "on a random backbone (import ImageNet weights with scripts/convert_backbone.py).")
+  tx = optim.make_optimizer(config, plan.total_steps)
+  replicated = sharding.replicated(mesh)
+  state = jax.device_put(step_lib.create_train_state(variables, tx, tuple(t.frozen_keys)),
+                         replicated)
+  del variables
+  log(f"parameters: {optim.count_params(state.trainable):,} trainable, "
+      f"{optim.count_params(state.frozen):,} frozen")
+
+  # ---- data ----
+  train_ds = pipeline.train_dataset(
+      dataset_dir, d.fold, d.shot, d.image_size, int(d.seed), local_batch,
+      jax.process_index(), jax.process_count(), int(d.num_workers), split=d.train_split,
+      aug=train_aug(config), min_pixels=int(d.min_class_pixels),
+      read_threads=int(d.read_threads))
+  train_iter = iter(train_ds)
+
+  def make_evaluator(classes):
+    return evaluator_lib.Evaluator(
+        model, mesh, dataset_dir, fold=d.fold, shot=d.shot, image_size=d.image_size,
+        batch_size=d.eval_batch_size, num_episodes=d.eval_episodes, classes=classes,
+        split=d.eval_split, original_label=d.original_label_eval,
+        num_workers=int(d.num_workers), read_threads=int(d.read_threads),
+        min_pixels=int(d.min_class_pixels))
+  novel_eval = make_evaluator("novel")
+  select_eval = novel_eval if t.select_on == "novel" else make_evaluator("base")
+
+  # ---- checkpoints: resume ----
+  ckpt = ckpt_lib.CheckpointManager(workdir, max_to_keep=int(t.keep_checkpoints),
+                                    keep_best=True, best_metric=SELECT_METRIC)
+  start = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    restored = ckpt.restore(latest, state_template=_abstract(state, replicated),
+                            data_iterator=train_iter)
+    state, start = restored.state, restored.step
+    log(f"resumed from {ckpt.directory}/{start}")
+  if start > plan.total_steps:
+    raise ValueError(f"{workdir} holds a checkpoint at step {start}, beyond this config's "
+                     f"{plan.total_steps} steps; use another --workdir.")
+
+  writer = logging_lib.MetricWriter(workdir)
+  logging_lib.save_config(config, workdir)
+  train_step = jax.jit(
+      lambda s, b, r: step_lib.train_step(s, b, r, model=model, tx=tx,
+                                          aux_weight=float(t.aux_weight)),
+      donate_argnums=(0,), out_shardings=(replicated, replicated))
+  schedule = optim.make_schedule(config, plan.total_steps)
+  keys = list(step_lib.BATCH_KEYS) + ["query_label"]
+
+  def evaluate(step):
+    variables = state.variables()
+    r = select_eval.run(variables, int(d.seed), desc=f"eval@{step}")
+    scores = {SELECT_METRIC: r.miou, "select/fbiou": r.fbiou}
+    if select_eval is novel_eval:
+      scores.update(r.summary(prefix="val/"))
+    writer.write_scalars(step, scores)
+    log(f"[step {step}] {t.select_on} eval ({r.meter.num_episodes} episodes): "
+        f"mIoU {100 * r.miou:.2f}  FB-IoU {100 * r.fbiou:.2f}")
+    return scores
+
+  result = {"step": start, "stopped": False}
+  if t.eval_at_start and start == 0:
+    writer.write_scalars(0, {"untrained/" + k.split("/", 1)[1]: v
+                             for k, v in evaluate(0).items()})
+
+  bar = logging_lib.ProgressBar(plan.total_steps, desc="train", unit="step", initial=start)
+  pending, last_log, last_log_time = [], start, time.monotonic()
+  with _StopRequest() as stop:
+    try:
+      for step in range(start + 1, plan.total_steps + 1):
+        batch = next(train_iter)
+        device_batch = sharding.host_batch_to_global({k: batch[k] for k in keys}, mesh)
+        state, metrics = train_step(state, device_batch, train_rng)
+        pending.append(metrics)
+        bar.update(1)
+        if step_hook is not None:
+          step_hook(step, state, batch)
+
+        if step % plan.log_every == 0 or step == plan.total_steps:
+          finite = bool(np.all(jax.device_get([p["finite"] for p in pending])))
+          if not finite:
+            raise ckpt_lib.NonFiniteLossError(
+                f"Non-finite loss between steps {last_log + 1} and {step}; the run stops here "
+                f"and the last checkpoint ({ckpt.latest_step()}) is kept. Lower config.train.lr "
+                "or inspect those batches before resuming.")
+          scalars = _mean_metrics(pending)
+          now = time.monotonic()
+          scalars["lr"] = float(schedule(step - 1))
+          scalars["episodes_per_s"] = ((step - last_log) * int(d.train_batch_size)
+                                       / max(now - last_log_time, 1e-9))
+          writer.write_scalars(step, scalars)
+          if not bar.enabled:
+            log(f"{bar.describe()}  loss {scalars['loss']:.4f}  "
+                f"acc {scalars['pixel_acc']:.3f}  {scalars['episodes_per_s']:.1f} ep/s")
+          pending, last_log, last_log_time = [], step, now
+
+        scores = evaluate(step) if plan.is_eval_step(step) else None
+        stopping = stop.requested()
+        if scores is not None or plan.is_checkpoint_step(step) or stopping:
+          ckpt.save(step, state, train_iter, metrics=scores, force=True)
+        result["step"] = step
+        if stopping:
+          log(f"stopped at step {step}; checkpoint saved in {ckpt.directory}. Run the same "
+              "command again to resume.")
+          result["stopped"] = True
+          break
+    finally:
+      bar.close()
+      ckpt.wait()
+      writer.flush()
+
+  if not result["stopped"]:
+    result["final"] = final_evaluation(config, workdir, ckpt, state, novel_eval, writer)
+  ckpt.close()
+  writer.close()
+  return result
+
+
+def final_evaluation(config, workdir, ckpt, state, novel_eval, writer) -> dict:
+  """Best checkpoint (else the last state) on the novel classes, every ``data.eval_seeds``."""
+  best = ckpt.best_step()
+  last_step = int(jax.device_get(state.step))
+  source = "last"
+  if best is not None and best != last_step:
+    template = _abstract(state, sharding.replicated(novel_eval.mesh))
+    state = ckpt.restore(best, state_template=template).state
+    source = "best"
+  step = best if source == "best" else last_step
+  log(f"final evaluation of the {source} checkpoint (step {step}) on novel classes, "
+      f"seeds {list(config.data.eval_seeds)}")
+  out = novel_eval.run_seeds(state.variables(), config.data.eval_seeds, log=log)
+  last = out["runs"][-1]
+  log(last.table())
+  log(f"final: {evaluator_lib.format_seeds(out)}")
+  summary = {
+      "checkpoint_step": step, "checkpoint": source,
+      "miou": out["miou"], "fbiou": out["fbiou"],
+      "per_seed": [{"seed": r.seed, "miou": r.miou, "fbiou": r.fbiou,
+                    "per_class": {str(c): v["iou"] for c, v in r.meter.per_class(r.classes)
+                                  .items()}} for r in out["runs"]],
+  }
+  writer.write_scalars(last_step, {"final/miou": out["miou"]["mean"],
+                                   "final/fbiou": out["fbiou"]["mean"]})
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "final_metrics.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+  return summary
