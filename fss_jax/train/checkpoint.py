@@ -26,6 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+# The trainer's selection metric: novel (or held-out base) mIoU of the periodic evaluation.
+BEST_METRIC = "select/miou"
 STATE = "state"
 DATA_ITER = "data_iter"
 METADATA = "metadata"
@@ -254,3 +256,38 @@ class CheckpointManager:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def load_model_variables(workdir: str, step: Any = "best") -> tuple:
+  """Model variables {'params', 'batch_stats'} of a training run's checkpoint, on the host.
+
+  Args:
+    workdir: the run directory given to ``train.py`` (holding ``checkpoints/``).
+    step: an int, 'latest', or 'best' (the best by ``BEST_METRIC``; the latest when no
+      checkpoint carries metrics).
+
+  Returns:
+    (variables as nested dicts of numpy arrays, the step read).
+  """
+  mgr = CheckpointManager(workdir, keep_best=True, best_metric=BEST_METRIC, async_save=False)
+  try:
+    steps = mgr.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {mgr.directory}.")
+    if step == "latest":
+      step = mgr.latest_step()
+    elif step == "best":
+      step = mgr.best_step() or mgr.latest_step()
+    else:
+      try:
+        step = int(step)
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"step must be an int, 'latest' or 'best', got {step!r}.") from e
+    state = mgr.restore(step).state
+  finally:
+    mgr.close()
+  state = jax.device_get(state)
+  variables = {"params": {**state["frozen"], **state["trainable"]}}
+  if state.get("batch_stats"):
+    variables["batch_stats"] = state["batch_stats"]
+  return variables, int(step)

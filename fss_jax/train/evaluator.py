@@ -156,6 +156,7 @@ class Evaluator:
     from fss_jax.data import episodes  # pylint: disable=g-import-not-at-top
     self.classes = episodes.fold_classes(manifest, self.fold, classes)
     self.names = {c: manifest.classes[c - 1] for c in self.classes}
+    self._predict = None
     self._fn = jax.jit(
         lambda v, b: episode_scores(model, v, b, self.original_label),
         out_shardings=sharding.data_sharding(mesh))
@@ -192,6 +193,35 @@ class Evaluator:
                          f"{self.num_episodes} (seed {seed}).")
     return EvalResult(meter, list(self.classes), int(seed), self.names)
 
+  def prediction_rows(self, variables: Any, seed: int, count: int = 8) -> list:
+    """Pictures (``data.visualize.episode_row``) of the first ``count`` local episodes."""
+    from fss_jax.data import visualize  # pylint: disable=g-import-not-at-top
+    if self._predict is None:
+      self._predict = jax.jit(
+          lambda v, b: step_lib.eval_step(v, b, model=self.model),
+          out_shardings=sharding.data_sharding(self.mesh))
+    ds = pipeline.eval_dataset(
+        self.dataset_dir, self.fold, self.shot, self.image_size, int(seed), self.local_batch,
+        min(self.num_episodes, count * jax.process_count()), jax.process_index(),
+        jax.process_count(), 0, split=self.split, min_pixels=self.min_pixels,
+        classes=self.which)
+    rows = []
+    for batch in ds:
+      device_batch = sharding.host_batch_to_global(
+          {k: batch[k] for k in step_lib.BATCH_KEYS}, self.mesh)
+      pred = _local_rows(self._predict(variables, device_batch))
+      inter, union = metrics_lib.batch_stats(jnp.asarray(pred), jnp.asarray(batch["query_label"]))
+      for j in range(len(pred)):
+        if not batch["valid"][j] or len(rows) >= count:
+          continue
+        c = int(batch["class_id"][j])
+        iou = float(inter[j, 1]) / max(float(union[j, 1]), 1.0)
+        rows.append(visualize.episode_row(
+            batch["query"][j], batch["query_label"][j], batch["supp_images"][j],
+            batch["supp_labels"][j], pred[j],
+            title=f"{self.names.get(c, c)} IoU {100 * iou:.0f}%"))
+    return rows
+
   def run_seeds(self, variables: Any, seeds: Sequence[int], progress: bool = False,
                 log: Optional[Callable[[str], None]] = None) -> dict:
     """Multi-seed protocol: one run per seed; returns {'runs', 'miou', 'fbiou'} with mean/std.
@@ -215,3 +245,48 @@ def format_seeds(result: Mapping[str, Any]) -> str:
   std = lambda d: "" if d["n"] < 2 or math.isnan(d["std"]) else f" ± {100 * d['std']:.2f}"
   return (f"mIoU {100 * m['mean']:.2f}{std(m)}  FB-IoU {100 * f['mean']:.2f}{std(f)} "
           f"({m['n']} seed{'s' if m['n'] != 1 else ''})")
+
+
+def from_config(config, model, mesh, dataset_dir: str, classes: str = "novel") -> Evaluator:
+  """The ``Evaluator`` of ``config.data`` (fold, shot, size, batch, N, original-label, ...)."""
+  d = config.data
+  return Evaluator(
+      model, mesh, dataset_dir, fold=d.fold, shot=d.shot, image_size=d.image_size,
+      batch_size=d.eval_batch_size, num_episodes=d.eval_episodes, classes=classes,
+      split=d.eval_split, original_label=d.original_label_eval,
+      num_workers=int(d.num_workers), read_threads=int(d.read_threads),
+      min_pixels=int(d.min_class_pixels))
+
+
+def load_variables(model, config, *, workdir: Optional[str] = None,
+                   checkpoint: Optional[str] = None, step: Any = "best") -> tuple:
+  """Variables to evaluate: a run's Orbax checkpoint, a PyTorch file, or our msgpack file.
+
+  Args:
+    model: the configured model (its shapes validate imported weights).
+    config: the config (image size and shot for the template).
+    workdir: a ``train.py`` run directory; ``step`` picks 'best', 'latest' or an int.
+    checkpoint: instead, a ``.pth``/``.pt``/``.safetensors`` file in the reference's naming
+      (e.g. the authors' trained ASGNet, ``module.`` prefixes and ``{'state_dict': ...}``
+      accepted) or a ``.msgpack`` written by ``scripts/import_checkpoint.py``.
+
+  Returns:
+    (variables, description of the source).
+  """
+  from fss_jax.convert import io  # pylint: disable=g-import-not-at-top
+  from fss_jax.convert import torch_import  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  if (workdir is None) == (checkpoint is None):
+    raise ValueError("Give exactly one of workdir (a training run) or checkpoint (a file).")
+  if workdir is not None:
+    variables, read = ckpt_lib.load_model_variables(workdir, step)
+    return variables, f"{workdir} step {read}"
+  if checkpoint.endswith(io.SUFFIX):
+    return io.load_variables(checkpoint), checkpoint
+  s, k = int(config.data.image_size), int(config.data.shot)
+  template = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1, k, s, s, 3)),
+                         jnp.ones((1, k, s, s), jnp.int32), train=False))
+  state_dict = torch_import.load_state_dict(checkpoint)
+  return torch_import.model_variables_from_torch(state_dict, template,
+                                                 source=checkpoint), checkpoint

@@ -192,10 +192,10 @@ class FewShotMeter:
   def format_table(self, classes: Optional[Sequence[int]] = None,
                    names: Optional[Mapping[int, str]] = None) -> str:
     """Human-readable per-class table plus the mIoU / FB-IoU lines."""
-    lines = [f"{'class':>6} {'name':<16} {'episodes':>8} {'IoU %':>7}"]
+    lines = [f"{'class':>6} {'name':<24} {'episodes':>8} {'IoU %':>7}"]
     for cid, row in self.per_class(classes).items():
       name = (names or {}).get(cid, "")
-      lines.append(f"{cid:>6} {name:<16} {row['episodes']:>8} {100 * row['iou']:>7.2f}")
+      lines.append(f"{cid:>6} {name:<24} {row['episodes']:>8} {100 * row['iou']:>7.2f}")
     lines.append(f"mIoU {100 * self.miou(classes):.2f}  FB-IoU {100 * self.fbiou():.2f}  "
                  f"({self.num_episodes} episodes)")
     return "\n".join(lines)

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fss_jax import configs_lib
+from fss_jax.data import dataset_dir as dataset_dir_lib
 from fss_jax.data import episodes as episodes_lib
 from fss_jax.data import pipeline
 from fss_jax.data import schema
-from fss_jax.data import transforms
 from fss_jax.models import builder
 from fss_jax.train import checkpoint as ckpt_lib
 from fss_jax.train import evaluator as evaluator_lib
@@ -39,93 +39,13 @@ from fss_jax.train import optim
 from fss_jax.train import sharding
 from fss_jax.train import step as step_lib
 
-SELECT_METRIC = "select/miou"
-GENERATOR_FILE = "generator.json"
+SELECT_METRIC = ckpt_lib.BEST_METRIC
 
 
 def log(msg: str) -> None:
   """One line on stdout from process 0."""
   if jax.process_index() == 0:
     print(msg, flush=True)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _synthetic_settings(config) -> dict:
-  s = config.data.synthetic
-  return {"num_train": int(s.num_train), "num_val": int(s.num_val),
-          "image_size": int(s.source_size), "seed": int(s.seed)}
-
-
-def prepare_dataset(config) -> str:
-  """The dataset directory of ``config.data``; generates the procedural dataset on first use.
-
-  For ``data.dataset == 'synthetic'`` the scenes are generated into ``data.data_dir`` (with a
-  ``generator.json`` of the settings) when the directory holds no manifest yet; process 0
-  generates while the others wait, and a process that still sees no data afterwards (no shared
-  file system) generates its own identical copy. A directory generated with other settings is
-  an error, not silently reused.
-  """
-  d = config.data
-  if not d.data_dir:
-    raise ValueError("config.data.data_dir is empty: set it to the converted dataset "
-                     "(data_prep/*.py --out_dir) or, for 'synthetic', to a cache folder.")
-  path = os.path.abspath(os.path.expanduser(d.data_dir))
-  manifest = os.path.join(path, schema.MANIFEST_NAME)
-  if d.dataset != "synthetic":
-    if not os.path.isfile(manifest):
-      raise FileNotFoundError(
-          f"config.data.data_dir={d.data_dir!r}: no {schema.MANIFEST_NAME} in {path}. Convert "
-          f"the dataset first (data_prep/{d.dataset}.py --out_dir {path}).")
-    return path
-  want = _synthetic_settings(config)
-  if jax.process_index() == 0 and not os.path.isfile(manifest):
-    _generate(path, want)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("fss_jax_prepare_dataset")
-    if not os.path.isfile(manifest):
-      _generate(path, want)
-  gen_file = os.path.join(path, GENERATOR_FILE)
-  have = None
-  if os.path.isfile(gen_file):
-    with open(gen_file) as f:
-      have = json.load(f)
-  if have is not None and have != want:
-    raise ValueError(
-        f"{path} holds a procedural dataset generated with {have}, but config.data.synthetic "
-        f"asks for {want}. Delete the folder or set config.data.data_dir elsewhere.")
-  return path
-
-
-def _generate(path: str, settings: dict) -> None:
-  from fss_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  print(f"Generating the procedural dataset {settings} into {path} ...", flush=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  synthetic.write_synthetic_dataset(tmp, workers=min(4, os.cpu_count() or 1), progress=False,
-                                    **settings)
-  with open(os.path.join(tmp, GENERATOR_FILE), "w") as f:
-    json.dump(settings, f)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  try:
-    os.rename(tmp, path)
-  except OSError:
-    # Someone else finished first (or an empty folder exists): keep theirs if complete.
-    if not os.path.isfile(os.path.join(path, schema.MANIFEST_NAME)):
-      if os.path.isdir(path) and not os.listdir(path):
-        os.rmdir(path)
-        os.rename(tmp, path)
-      else:
-        raise
-  print(f"  done in {time.time() - t0:.0f} s", flush=True)
-
-
-def train_aug(config) -> transforms.TrainAugConfig:
-  d = config.data
-  return transforms.TrainAugConfig(size=int(d.image_size), scale=tuple(d.scale),
-                                   rotate=tuple(d.rotate))
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -218,7 +138,7 @@ def train_and_evaluate(config, workdir: str,
   configs_lib.validate_config(config)
   d, t = config.data, config.train
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  dataset_dir = prepare_dataset(config)
+  dataset_dir = dataset_dir_lib.prepare(config)
   mesh = sharding.make_mesh()
   local_batch = sharding.local_batch_size(int(d.train_batch_size), mesh)
   manifest = schema.load_manifest(dataset_dir)
@@ -253,19 +173,13 @@ def train_and_evaluate(config, workdir: str,
   train_ds = pipeline.train_dataset(
       dataset_dir, d.fold, d.shot, d.image_size, int(d.seed), local_batch,
       jax.process_index(), jax.process_count(), int(d.num_workers), split=d.train_split,
-      aug=train_aug(config), min_pixels=int(d.min_class_pixels),
+      aug=dataset_dir_lib.train_aug(config), min_pixels=int(d.min_class_pixels),
       read_threads=int(d.read_threads))
   train_iter = iter(train_ds)
 
-  def make_evaluator(classes):
-    return evaluator_lib.Evaluator(
-        model, mesh, dataset_dir, fold=d.fold, shot=d.shot, image_size=d.image_size,
-        batch_size=d.eval_batch_size, num_episodes=d.eval_episodes, classes=classes,
-        split=d.eval_split, original_label=d.original_label_eval,
-        num_workers=int(d.num_workers), read_threads=int(d.read_threads),
-        min_pixels=int(d.min_class_pixels))
-  novel_eval = make_evaluator("novel")
-  select_eval = novel_eval if t.select_on == "novel" else make_evaluator("base")
+  novel_eval = evaluator_lib.from_config(config, model, mesh, dataset_dir, "novel")
+  select_eval = (novel_eval if t.select_on == "novel" else
+                 evaluator_lib.from_config(config, model, mesh, dataset_dir, "base"))
 
   # ---- checkpoints: resume ----
   ckpt = ckpt_lib.CheckpointManager(workdir, max_to_keep=int(t.keep_checkpoints),

@@ -1,0 +1,92 @@
+r"""Evaluates a model with the few-shot protocol: a training run's checkpoint or an imported file.
+
+  # the best checkpoint of a run, as configured (seeds, episodes, original-label option):
+  python scripts/evaluate.py --config=configs/synthetic_asgnet.py --workdir=workdirs/synthetic \
+      --predictions=predictions.png
+  # the authors' trained PyTorch checkpoint, multi-seed protocol (5 seeds x 1000 episodes):
+  python scripts/evaluate.py --config=configs/pascal_asgnet.py:fold=0,shot=1 \
+      --checkpoint=train_epoch_xx.pth --config.data.data_dir=data/pascal5i \
+      --config.data.eval_seeds='(0,1,2,3,4)' --config.data.original_label_eval=True
+
+Prints the per-class table and mIoU / FB-IoU (mean ± std over seeds); ``--output`` writes them
+as JSON; ``--predictions`` writes a PNG of a few episodes (supports, truth, prediction).
+"""
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory to evaluate.")
+_STEP = flags.DEFINE_string("step", "best", "With --workdir: 'best', 'latest' or a step.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Instead of --workdir: .pth/.pt/.safetensors (reference naming) or "
+    ".msgpack variables.")
+_CLASSES = flags.DEFINE_enum("classes", "novel", ["novel", "base"],
+                             "Episodes of the fold's novel classes (protocol) or base classes.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+_PREDICTIONS = flags.DEFINE_string("predictions", None, "Write a PNG of a few predictions.")
+_NUM_PREDICTIONS = flags.DEFINE_integer("num_predictions", 8, "Episodes in --predictions.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Progress bar (on a terminal).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "Call jax.distributed.initialize() (default: from the environment).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from fss_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  from fss_jax import configs_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import dataset_dir  # pylint: disable=g-import-not-at-top
+  from fss_jax.data import visualize  # pylint: disable=g-import-not-at-top
+  from fss_jax.models import builder  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  configs_lib.validate_config(config)
+  mesh = sharding.make_mesh()
+  model = builder.build_model(config)
+  variables, source = evaluator_lib.load_variables(
+      model, config, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value, step=_STEP.value)
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  data = dataset_dir.prepare(config)
+  ev = evaluator_lib.from_config(config, model, mesh, data, _CLASSES.value)
+  say = print if jax.process_index() == 0 else (lambda *_: None)
+  say(f"evaluating {source} on {data} fold {config.data.fold} {config.data.shot}-shot, "
+      f"{_CLASSES.value} classes, {config.data.eval_episodes} episodes x seeds "
+      f"{list(config.data.eval_seeds)}" + (" (original labels)"
+                                           if config.data.original_label_eval else ""))
+  out = ev.run_seeds(variables, config.data.eval_seeds, progress=_PROGRESS.value, log=say)
+  for r in out["runs"]:
+    say(f"\nseed {r.seed}\n{r.table()}")
+  say(f"\n{evaluator_lib.format_seeds(out)}")
+  if _OUTPUT.value and jax.process_index() == 0:
+    result = {"source": source, "classes": _CLASSES.value, "miou": out["miou"],
+              "fbiou": out["fbiou"],
+              "per_seed": [{"seed": r.seed, "miou": r.miou, "fbiou": r.fbiou,
+                            "per_class": {str(c): v for c, v in r.meter.per_class(r.classes)
+                                          .items()}} for r in out["runs"]]}
+    with open(_OUTPUT.value, "w") as f:
+      json.dump(result, f, indent=2)
+    say(f"wrote {_OUTPUT.value}")
+  if _PREDICTIONS.value:
+    rows = ev.prediction_rows(variables, config.data.eval_seeds[0], _NUM_PREDICTIONS.value)
+    if jax.process_index() == 0:
+      visualize.write_grid(_PREDICTIONS.value, rows)
+      say(f"wrote {_PREDICTIONS.value} ({len(rows)} episodes)")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
