@@ -146,6 +146,20 @@ def test_sgc_full_size_smooth_features():
   assert errs["jax"] <= REL_TOL, errs
 
 
+@pytest.mark.parametrize("distance", ["matmul", "direct"])
+def test_sgc_per_shot_loop_equals_batched(distance):
+  rng = np.random.default_rng(9)
+  masks = _episode_masks(rng, 4, 161)
+  seeds = np.asarray(_place_seeds(jnp.asarray(masks), avg_sp_area=20)[0])
+  feat = jnp.asarray(_smooth_features(rng, 4, 21, 21, 32))
+  soft = jnp.asarray(_soft_masks(masks, 21, 21))
+  out = [jax.jit(lambda f, s, sd, loop=loop: sgc.sgc_prototypes(
+      f, s, sd, n_iter=5, distance=distance, loop=loop))(feat, soft, jnp.asarray(seeds))
+         for loop in (True, False)]
+  np.testing.assert_array_equal(out[0][1], out[1][1])
+  np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-6, atol=1e-6)
+
+
 def _plain_matmul_sgc(feat, roi, seeds, n_iter):
   """SGC with the textbook ||f||^2 - 2 f.c + ||c||^2 distances (float32), for contrast."""
   b, h, w, c = feat.shape

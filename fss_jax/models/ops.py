@@ -126,7 +126,11 @@ def adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
   return _apply_separable(x, mh, mw)
 
 
-def masked_average_pool(feat: jax.Array, mask: jax.Array, eps: float = 0.0005) -> jax.Array:
+MASKED_POOL_EPS = 0.0005  # the reference's Weighted_GAP: area + 0.0005
+
+
+def masked_average_pool(feat: jax.Array, mask: jax.Array,
+                        eps: float = MASKED_POOL_EPS) -> jax.Array:
   """Soft-masked global average of features (the reference's ``Weighted_GAP``).
 
   Args:

@@ -188,7 +188,7 @@ def _pixel_coords(h: int, w: int) -> np.ndarray:
   return np.stack([rr.reshape(-1), cc.reshape(-1)], -1).astype(np.float32)
 
 
-def _matmul_sq_dist(g, roi, num_near: int = 8):
+def _matmul_sq_dist(feat, shift, roi, num_near: int = 8):
   """Squared distances ||g_p - c_k||^2 in matmul form, exact where it matters.
 
   The expansion ||g||^2 - 2 g.c + ||c||^2 runs at GEMM speed but carries an absolute error of
@@ -200,8 +200,12 @@ def _matmul_sq_dist(g, roi, num_near: int = 8):
   removes it; with features centred on their ROI mean the prototypes then agree with a float64
   evaluation as closely as PyTorch's float32 direct form does (~5e-7 relative).
 
+  The centred features g = feat - shift enter only through ||g||^2 and g.c = feat.c - shift.c,
+  so g itself is never materialised (one pass over the features less per call).
+
   Args:
-    g: (B, N, C) features centred on their ROI mean.
+    feat: (B, N, C) features.
+    shift: (B, 1, C) their ROI mean.
     roi: (B, N) bool region of interest.
     num_near: how many nearest ROI pixels per centre to recompute.
 
@@ -209,17 +213,20 @@ def _matmul_sq_dist(g, roi, num_near: int = 8):
     A function of centres c (B, K, C), centred alike, -> (B, N, K) squared distances.
   """
   hi = jax.lax.Precision.HIGHEST
-  b, n, _ = g.shape
+  f = feat
+  b, n, _ = f.shape
   num_near = min(num_near, n)
-  g_sq = jnp.sum(jnp.square(g), axis=-1)
+  g_sq = jnp.sum(jnp.square(f - shift), axis=-1)
 
   def sq_dist(c):
     k = c.shape[1]
-    d2 = (g_sq[:, :, None] - 2.0 * jnp.einsum("bnc,bkc->bnk", g, c, precision=hi)
-          + jnp.sum(jnp.square(c), axis=-1)[:, None, :])
+    # g.c = f.c - shift.c: the centred features g = f - shift are never materialised.
+    gc = (jnp.einsum("bnc,bkc->bnk", f, c, precision=hi)
+          - jnp.einsum("bc,bkc->bk", shift[:, 0], c, precision=hi)[:, None, :])
+    d2 = g_sq[:, :, None] - 2.0 * gc + jnp.sum(jnp.square(c), axis=-1)[:, None, :]
     score = jnp.where(roi[:, :, None], d2, jnp.inf)
     _, near = jax.lax.top_k(-jnp.swapaxes(score, 1, 2), num_near)  # (B, K, M)
-    near_g = jnp.take_along_axis(g, near.reshape(b, k * num_near)[..., None], axis=1)
+    near_g = jnp.take_along_axis(f, near.reshape(b, k * num_near)[..., None], axis=1) - shift
     near_d2 = jnp.sum(jnp.square(near_g.reshape(b, k, num_near, -1) - c[:, :, None, :]), -1)
     return d2.at[jnp.arange(b)[:, None, None], near, jnp.arange(k)[None, :, None]].set(near_d2)
 
@@ -233,7 +240,7 @@ def _direct_sq_dist(g):
   return sq_dist
 
 
-def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
+def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str, roi_sum=None):
   """SGC iterations over all pixels with the ROI as a weight mask.
 
   Args:
@@ -244,6 +251,7 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
     xy: (N, 2) pixel coordinates.
     n_iter: number of iterations (static, >= 1).
     distance: "matmul" or "direct" (see ``sgc_prototypes``).
+    roi_sum: (B, C) sum of the ROI features, if the caller has it (saves a pass).
 
   Returns:
     (B, K, C) final centres without coordinates; zeros where the ROI is empty.
@@ -253,14 +261,14 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
   count = jnp.sum(roi_f, axis=1)
   # Distances are translation invariant; centring on the ROI mean keeps the matmul form's
   # rounding relative to the features' spread rather than their magnitude.
-  shift = (jnp.einsum("bn,bnc->bc", roi_f, feat, precision=hi) /
-           jnp.maximum(count, 1.0)[:, None])[:, None, :]
-  g = feat - shift
+  if roi_sum is None:
+    roi_sum = jnp.einsum("bn,bnc->bc", roi_f, feat, precision=hi)
+  shift = (roi_sum / jnp.maximum(count, 1.0)[:, None])[:, None, :]
   centre = init_feat - shift
   if distance == "matmul":
-    sq_dist = _matmul_sq_dist(g, roi)
+    sq_dist = _matmul_sq_dist(feat, shift, roi)
   else:
-    sq_dist = _direct_sq_dist(g)
+    sq_dist = _direct_sq_dist(feat - shift)
   centre_xy = init_xy
   for _ in range(n_iter):
     xy_d2 = (jnp.square(xy[None, :, None, 0] - centre_xy[:, None, :, 0]) +
@@ -281,6 +289,10 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str):
   return jnp.where((count > 0)[:, None, None], raw, 0.0)
 
 
+def _resolve_loop(loop) -> bool:
+  return jax.default_backend() == "cpu" if loop is None else bool(loop)
+
+
 def _resolve_distance(distance: str) -> str:
   if distance == "auto":
     return "matmul" if jax.default_backend() == "cpu" else "direct"
@@ -291,7 +303,8 @@ def _resolve_distance(distance: str) -> str:
 
 
 def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_iter: int,
-                   distance: str = "auto") -> tuple[jax.Array, jax.Array]:
+                   distance: str = "auto",
+                   loop: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """Superpixel-guided clustering prototypes of support shots (``Model.sp_center_iter``).
 
   Per shot: n = ``effective_num_seeds``; with n >= 2 the first n seeds start centres
@@ -323,6 +336,9 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
     seeds: (B, max_sp, 2) int seeds from ``place_seeds``.
     n_iter: clustering iterations (static, >= 1; the reference would return zeros for 0).
     distance: "auto", "matmul" or "direct" (static).
+    loop: cluster one shot after the other (``lax.map``) instead of all at once; None: loop on
+      CPU (cache-friendly: about 1.5x faster for a 5-shot episode at 60x60x256 on 2 cores),
+      batched on accelerators. Both give the same prototypes up to float rounding.
 
   Returns:
     protos: (B, max_sp, C) prototypes; invalid slots are zeros.
@@ -350,9 +366,26 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
   slot = jnp.arange(max_sp)
   init_feat = jnp.take_along_axis(
       flat_feat, (seeds[..., 0] * w + seeds[..., 1])[..., None], axis=1)  # (B, K, C)
-  centres = _cluster(flat_feat, roi, init_feat, seeds.astype(feat.dtype),
-                     jnp.asarray(_pixel_coords(h, w), feat.dtype), n_iter, distance)
-  fallback = ops.masked_average_pool(feat, soft_mask)  # (B, C)
+  xy = jnp.asarray(_pixel_coords(h, w), feat.dtype)
+
+  def cluster(args):
+    f, r, i_f, i_xy, m = args
+    # One pass over the features for both the ROI sum (SGC's centring) and the soft-masked sum
+    # (the fallback prototype, ``ops.masked_average_pool``).
+    weights = jnp.stack([r.astype(f.dtype), m.reshape(m.shape[0], -1)], axis=-1)
+    sums = jnp.einsum("bnw,bnc->bwc", weights, f, precision=jax.lax.Precision.HIGHEST)
+    fallback = sums[:, 1] / (jnp.sum(weights[..., 1], axis=1)[:, None] + ops.MASKED_POOL_EPS)
+    return _cluster(f, r, i_f, i_xy, xy, n_iter, distance, roi_sum=sums[:, 0]), fallback
+
+  args = (flat_feat, roi, init_feat, seeds.astype(feat.dtype), soft_mask)
+  if _resolve_loop(loop):
+    # One shot at a time: its features (h*w*C floats, 3.7 MB at 60x60x256) stay in cache over
+    # the iterations instead of streaming the whole batch from memory at every pass.
+    centres, fallback = jax.lax.map(
+        lambda a: jax.tree.map(lambda x: x[0], cluster(jax.tree.map(lambda x: x[None], a))),
+        args)
+  else:
+    centres, fallback = cluster(args)  # (B, K, C), (B, C)
 
   valid = jnp.where(use_sgc[:, None], slot[None, :] < n[:, None], slot[None, :] == 0)
   protos = jnp.where(use_sgc[:, None, None], centres,
