@@ -17,6 +17,7 @@ varies inside a batch, so the resize is written as a per-episode interpolation m
 fixed M×M canvas (M = the largest L of the split); rows and columns ≥ L fall on 255 padding.
 """
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -68,9 +69,11 @@ def resize_to_original(x: jax.Array, sizes: jax.Array, canvas: int) -> jax.Array
   return jnp.einsum("bnt,bmt->bmn", w, y, precision=hi)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "original_label"))
 def episode_scores(model, variables, batch: Mapping[str, jax.Array],
                    original_label: bool = False):
-  """Forward + per-episode (inter, union), each (B, 2) int32 [bg, fg]."""
+  """Forward + per-episode (inter, union), each (B, 2) int32 [bg, fg] (jitted; the model is a
+  static argument, so every evaluator of an equal model shares the compiled function)."""
   out = model.apply(variables, *(batch[k] for k in step_lib.BATCH_KEYS), train=False)
   logits = out["logits"]
   if not original_label:
@@ -81,6 +84,10 @@ def episode_scores(model, variables, batch: Mapping[str, jax.Array],
   diff = resize_to_original(logits[..., 1] - logits[..., 0], side, label.shape[-1])
   pred = (diff > 0).astype(jnp.int32)  # argmax over 2 classes: ties go to background
   return metrics_lib.batch_stats(pred, label)
+
+
+_predict = jax.jit(lambda model, v, b: step_lib.eval_step(v, b, model=model),
+                   static_argnums=0)
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -156,10 +163,6 @@ class Evaluator:
     from fss_jax.data import episodes  # pylint: disable=g-import-not-at-top
     self.classes = episodes.fold_classes(manifest, self.fold, classes)
     self.names = {c: manifest.classes[c - 1] for c in self.classes}
-    self._predict = None
-    self._fn = jax.jit(
-        lambda v, b: episode_scores(model, v, b, self.original_label),
-        out_shardings=sharding.data_sharding(mesh))
 
   def num_batches(self) -> int:
     return pipeline.eval_batches_per_process(self.num_episodes, self.local_batch,
@@ -181,7 +184,8 @@ class Evaluator:
     try:
       for batch in ds:
         device_batch = sharding.host_batch_to_global({k: batch[k] for k in keys}, self.mesh)
-        inter, union = self._fn(variables, device_batch)
+        inter, union = episode_scores(self.model, variables, device_batch,
+                                      self.original_label)
         meter.update_batch(batch["class_id"], _local_rows(inter), _local_rows(union),
                            batch["valid"])
         bar.update(1)
@@ -196,10 +200,6 @@ class Evaluator:
   def prediction_rows(self, variables: Any, seed: int, count: int = 8) -> list:
     """Pictures (``data.visualize.episode_row``) of the first ``count`` local episodes."""
     from fss_jax.data import visualize  # pylint: disable=g-import-not-at-top
-    if self._predict is None:
-      self._predict = jax.jit(
-          lambda v, b: step_lib.eval_step(v, b, model=self.model),
-          out_shardings=sharding.data_sharding(self.mesh))
     ds = pipeline.eval_dataset(
         self.dataset_dir, self.fold, self.shot, self.image_size, int(seed), self.local_batch,
         min(self.num_episodes, count * jax.process_count()), jax.process_index(),
@@ -209,7 +209,7 @@ class Evaluator:
     for batch in ds:
       device_batch = sharding.host_batch_to_global(
           {k: batch[k] for k in step_lib.BATCH_KEYS}, self.mesh)
-      pred = _local_rows(self._predict(variables, device_batch))
+      pred = _local_rows(_predict(self.model, variables, device_batch))
       inter, union = metrics_lib.batch_stats(jnp.asarray(pred), jnp.asarray(batch["query_label"]))
       for j in range(len(pred)):
         if not batch["valid"][j] or len(rows) >= count:

@@ -1,0 +1,104 @@
+"""train_and_evaluate in-process on the tiny config: signals, NaN stop, base-class selection."""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from fss_jax import configs_lib
+from fss_jax.convert import torch_export
+from fss_jax.models import builder
+from fss_jax.train import checkpoint as ckpt_lib
+from fss_jax.train import evaluator
+from fss_jax.train import logging as logging_lib
+from fss_jax.train import trainer
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("trainer_data") / "synthetic")
+
+
+def _config(data_dir, **train):
+  config = configs_lib.load_config("configs/tiny_asgnet.py")
+  config.data.data_dir = data_dir
+  for k, v in train.items():
+    config.train[k] = v
+  return config
+
+
+def test_sigterm_saves_and_the_next_run_resumes(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = _config(data_dir, total_steps=4, select_on="base_heldout", checkpoint_every=100)
+
+  def hook(step, state, batch):
+    assert batch["query"].shape[0] == config.data.train_batch_size
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  out = trainer.train_and_evaluate(config, workdir, step_hook=hook)
+  assert out == {"step": 1, "stopped": True}
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
+  mgr = ckpt_lib.CheckpointManager(workdir)
+  assert mgr.all_steps() == [1]
+  mgr.close()
+
+  steps = []
+  out = trainer.train_and_evaluate(config, workdir,
+                                   step_hook=lambda s, *_: steps.append(s))
+  assert steps == [2, 3, 4] and out["step"] == 4 and not out["stopped"]
+  rows = logging_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  selections = [r for r in rows if ckpt_lib.BEST_METRIC in r]
+  assert [r["step"] for r in selections] == [2, 4]
+  # Selection ran on held-out base classes: no novel-class keys were logged with it.
+  assert not any("val/miou" in r for r in selections)
+  final = json.load(open(os.path.join(workdir, "final_metrics.json")))
+  best = max(selections, key=lambda r: r[ckpt_lib.BEST_METRIC])["step"]
+  assert final["checkpoint_step"] == best
+  assert set(final["per_seed"][0]["per_class"]) == {"1", "2", "3", "4", "5"}  # fold 0 novel
+  assert final["miou"]["mean"] == pytest.approx(out["final"]["miou"]["mean"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+  workdir = str(tmp_path / "nan")
+  config = _config(data_dir, total_steps=6, lr=1e30, checkpoint_every=1, eval_every=0)
+  with pytest.raises(ckpt_lib.NonFiniteLossError, match="Non-finite loss"):
+    trainer.train_and_evaluate(config, workdir)
+  variables, step = ckpt_lib.load_model_variables(workdir, "latest")
+  assert 1 <= step < 6
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+  rows = logging_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_wrong_synthetic_settings_are_an_error(data_dir, tmp_path):
+  config = _config(data_dir)
+  trainer.dataset_dir_lib.prepare(config)  # generated (or reused) with the tiny settings
+  config.data.synthetic.num_train = 25
+  with pytest.raises(ValueError, match="generated with"):
+    trainer.dataset_dir_lib.prepare(config)
+
+
+def test_missing_dataset_names_the_folder(tmp_path):
+  config = configs_lib.load_config("configs/pascal_asgnet.py")
+  config.data.data_dir = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere.*data_prep/pascal5i.py"):
+    trainer.dataset_dir_lib.prepare(config)
+
+
+def test_evaluate_loads_an_exported_torch_file(tmp_path):
+  config = configs_lib.load_config("configs/tiny_asgnet.py")
+  model = builder.build_model(config)
+  variables = builder.init_variables(model, config.data.image_size, 1, jax.random.key(0))
+  path = str(tmp_path / "model.safetensors")
+  torch_export.save_state_dict(torch_export.model_state_dict_from_variables(variables), path)
+  loaded, source = evaluator.load_variables(model, config, checkpoint=path)
+  assert source == path
+  flat = lambda t: {jax.tree_util.keystr(k): np.asarray(v)
+                    for k, v in jax.tree_util.tree_leaves_with_path(t)}
+  want, got = flat(variables), flat(loaded)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
