@@ -20,8 +20,8 @@ def _setup():
            "supp_images": jnp.asarray(rng.normal(size=(2, 1, S, S, 3)), jnp.float32),
            "supp_labels": jnp.asarray(labels),
            "query_label": jnp.asarray(labels[:, 0])}
-  variables = net.init(jax.random.key(0), batch["query"], batch["supp_images"],
-                       batch["supp_labels"], train=False)
+  variables = jax.jit(lambda r: net.init(r, batch["query"], batch["supp_images"],
+                                         batch["supp_labels"], train=False))(jax.random.key(0))
   return net, variables, batch
 
 
@@ -30,7 +30,8 @@ def test_train_step_is_sgd_on_the_head_only():
   tx = optax.sgd(0.1)
   state = step_lib.create_train_state(variables, tx)
   assert "backbone" in state.frozen and "backbone" not in state.trainable
-  new, metrics = step_lib.train_step(state, batch, jax.random.key(1), model=net, tx=tx)
+  new, metrics = jax.jit(lambda s, b, r: step_lib.train_step(s, b, r, model=net, tx=tx))(
+      state, batch, jax.random.key(1))
 
   def loss_fn(head):
     out = net.apply({**variables, "params": {**variables["params"], **head}},
@@ -38,7 +39,7 @@ def test_train_step_is_sgd_on_the_head_only():
                     rngs={"dropout": jax.random.fold_in(jax.random.key(1), 0)})
     return losses.asgnet_loss(out["logits"], out["aux_logits"], batch["query_label"])[0]
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state.trainable)
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
   want = jax.tree.map(lambda p, g: p - 0.1 * g, state.trainable, grads)
   for a, b in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(want)):
@@ -53,7 +54,8 @@ def test_non_finite_loss_keeps_the_state():
   tx = optax.sgd(0.1)
   state = step_lib.create_train_state(variables, tx)
   bad = {**batch, "query": batch["query"].at[0, 0, 0, 0].set(jnp.nan)}
-  new, metrics = step_lib.train_step(state, bad, jax.random.key(1), model=net, tx=tx)
+  new, metrics = jax.jit(lambda s, b, r: step_lib.train_step(s, b, r, model=net, tx=tx))(
+      state, bad, jax.random.key(1))
   assert not bool(metrics["finite"])
   for a, b in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(state.trainable)):
     np.testing.assert_array_equal(a, b)
