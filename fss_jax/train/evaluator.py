@@ -219,7 +219,7 @@ class Evaluator:
         rows.append(visualize.episode_row(
             batch["query"][j], batch["query_label"][j], batch["supp_images"][j],
             batch["supp_labels"][j], pred[j],
-            title=f"{self.names.get(c, c)} IoU {100 * iou:.0f}%"))
+            title=f"IoU {100 * iou:.0f}% {self.names.get(c, c)}"))
     return rows
 
   def run_seeds(self, variables: Any, seeds: Sequence[int], progress: bool = False,
