@@ -179,6 +179,21 @@ def random_crop(image, label, rng, size, keep=0.85, redraws=30):
   return out_img, out_lab
 
 
+def _fill_outside(arr: np.ndarray, window: tuple[slice, slice], value) -> None:
+  """Sets ``arr`` (H, W, ...) to ``value`` everywhere outside the 2-D ``window`` slices."""
+  rows, cols = window
+  h, w = arr.shape[:2]
+  r0, r1, _ = rows.indices(h)
+  c0, c1, _ = cols.indices(w)
+  if r1 <= r0 or c1 <= c0:
+    arr.fill(value)
+    return
+  arr[:r0] = value
+  arr[r1:] = value
+  arr[r0:r1, :c0] = value
+  arr[r0:r1, c1:] = value
+
+
 def _outputs(size: int, out):
   if out is None:
     return np.empty((size, size, 3), np.float32), np.empty((size, size), np.uint8)
@@ -211,9 +226,10 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
   y0, x0 = draw_crop(label, rng, size, config.crop_keep, config.crop_redraws)
   src, dst = _window(label.shape, size, y0, x0)
   out_img, out_lab = _outputs(size, out)
-  # The normalised padding mean is exactly 0: (m - m) / s.
-  out_img.fill(0.0)
-  out_lab.fill(IGNORE_LABEL)
+  # The normalised padding mean is exactly 0: (m - m) / s. Only the padding is filled: the
+  # window is written over anyway (the whole-canvas fill cost ~15% of an episode).
+  _fill_outside(out_img, dst, 0.0)
+  _fill_outside(out_lab, dst, IGNORE_LABEL)
   normalize(image[src], out=out_img[dst])
   out_lab[dst] = label[src]
   return out_img, out_lab
