@@ -1,6 +1,7 @@
 """Procedural dataset: determinism, class design, image/label agreement, writer and CLI."""
 import collections
 import itertools
+import json
 
 import cv2
 import numpy as np
@@ -106,6 +107,9 @@ def test_write_dataset_roundtrip_png(tmp_path):
     np.testing.assert_array_equal(schema.decode_image(ex["image_bytes"]), scene.image)
     np.testing.assert_array_equal(schema.decode_label(ex["label_png"]), scene.label)
     assert ex["class_pixels"] == schema.class_pixel_counts(scene.label)
+  with open(tmp_path / S.GENERATOR_FILE) as f:
+    assert json.load(f) == {"num_train": 5, "num_val": 3, "image_size": 97, "seed": 9,
+                            "image_format": "png"}
 
 
 def test_cli_writes_dataset_and_preview(tmp_path):

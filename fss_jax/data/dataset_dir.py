@@ -9,9 +9,9 @@ import time
 import jax
 
 from fss_jax.data import schema
+from fss_jax.data import synthetic
 from fss_jax.data import transforms
 
-GENERATOR_FILE = "generator.json"
 
 
 def log(msg: str) -> None:
@@ -54,12 +54,12 @@ def prepare(config) -> str:
     multihost_utils.sync_global_devices("fss_jax_prepare_dataset")
     if not os.path.isfile(manifest):
       _generate(path, want)
-  gen_file = os.path.join(path, GENERATOR_FILE)
+  gen_file = os.path.join(path, synthetic.GENERATOR_FILE)
   have = None
   if os.path.isfile(gen_file):
     with open(gen_file) as f:
       have = json.load(f)
-  if have is not None and have != want:
+  if have is not None and {k: have.get(k) for k in want} != want:
     raise ValueError(
         f"{path} holds a procedural dataset generated with {have}, but config.data.synthetic "
         f"asks for {want}. Delete the folder or set config.data.data_dir elsewhere.")
@@ -67,14 +67,11 @@ def prepare(config) -> str:
 
 
 def _generate(path: str, settings: dict) -> None:
-  from fss_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   log(f"Generating the procedural dataset {settings} into {path} ...")
   tmp = f"{path}.tmp-{os.getpid()}"
   synthetic.write_synthetic_dataset(tmp, workers=min(4, os.cpu_count() or 1), progress=False,
                                     **settings)
-  with open(os.path.join(tmp, GENERATOR_FILE), "w") as f:
-    json.dump(settings, f)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   try:
     os.rename(tmp, path)

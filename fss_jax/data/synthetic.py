@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import json
 import multiprocessing
 import os
 import sys
@@ -87,6 +88,9 @@ CLASSES: tuple[ClassSpec, ...] = (
 )
 CLASS_NAMES: tuple[str, ...] = tuple(c.name for c in CLASSES)
 NUM_CLASSES = len(CLASSES)
+
+
+GENERATOR_FILE = "generator.json"
 
 
 def novel_classes(fold: int) -> list[int]:
@@ -429,6 +433,8 @@ def write_synthetic_dataset(out_dir: str, *, num_train: int = 2000, num_val: int
                             num_shards: int = 2, progress: bool = False):
   """Writes the procedural dataset as TFRecord shards + manifest.json.
 
+  Also writes ``generator.json`` with the generation settings.
+
   Returns:
     The schema.Manifest written.
   """
@@ -439,10 +445,16 @@ def write_synthetic_dataset(out_dir: str, *, num_train: int = 2000, num_val: int
                               workers),
       "val": generate_split(seed, "val", num_val, image_size, image_format, workers),
   }
-  return schema.write_dataset(
+  manifest = schema.write_dataset(
       out_dir, name="synthetic", classes=list(CLASS_NAMES),
       novel_folds=[novel_classes(f) for f in range(NUM_FOLDS)], scheme="pascal5i",
       splits=splits, num_shards=num_shards, progress=progress)
+  # The settings that determine the scenes, so a cache can be checked against a config.
+  settings = {"num_train": int(num_train), "num_val": int(num_val),
+              "image_size": int(image_size), "seed": int(seed), "image_format": image_format}
+  with open(os.path.join(out_dir, GENERATOR_FILE), "w") as f:
+    json.dump(settings, f)
+  return manifest
 
 
 # ----------------------------------------------------------------------------- preview
