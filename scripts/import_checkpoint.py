@@ -6,23 +6,16 @@ our msgpack variables.
 import argparse
 
 import jax
-import jax.numpy as jnp
 
 from fss_jax.convert import io
 from fss_jax.convert import torch_import
-
-_SIZE = 65  # Parameter shapes do not depend on the input size; keep the trace small.
+from fss_jax.models import asgnet
+from fss_jax.models import builder
 
 
 def asgnet_template(depth: int):
-  """ShapeDtypeStruct variables of ASGNet(depth) via jax.eval_shape (nothing is computed)."""
-  from fss_jax.models.asgnet import ASGNet  # pylint: disable=g-import-not-at-top
-  model = ASGNet(depth=depth, bins=(60, 30, 15, 8))
-  query = jax.ShapeDtypeStruct((1, _SIZE, _SIZE, 3), jnp.float32)
-  supp_images = jax.ShapeDtypeStruct((1, 1, _SIZE, _SIZE, 3), jnp.float32)
-  supp_labels = jax.ShapeDtypeStruct((1, 1, _SIZE, _SIZE), jnp.int32)
-  init = lambda q, si, sl: model.init(jax.random.PRNGKey(0), q, si, sl, train=False)
-  return jax.eval_shape(init, query, supp_images, supp_labels)
+  """ShapeDtypeStruct variables of ASGNet(depth) with the PASCAL bins (nothing is computed)."""
+  return builder.variables_template(asgnet.ASGNet(depth=depth, bins=asgnet.PASCAL_BINS))
 
 
 def main(argv=None):

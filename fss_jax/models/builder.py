@@ -41,16 +41,28 @@ def build_model(config) -> asgnet.ASGNet:
       train_backbone=train_backbone(config))
 
 
-def init_variables(model: asgnet.ASGNet, image_size: int, shot: int,
-                   rng: jax.Array) -> dict[str, Any]:
-  """Random initial variables (PyTorch default init, see the modules) for S×S inputs."""
+def _init_fn(model: asgnet.ASGNet, image_size: int, shot: int):
   s = int(image_size)
   query = jnp.zeros((1, s, s, 3), jnp.float32)
   supp = jnp.zeros((1, shot, s, s, 3), jnp.float32)
   labels = jnp.ones((1, shot, s, s), jnp.int32)
-  init = jax.jit(lambda r: model.init({"params": r, "dropout": r}, query, supp, labels,
-                                      train=False))
-  return jax.device_get(dict(init(rng)))
+  return lambda rng: model.init({"params": rng, "dropout": rng}, query, supp, labels,
+                                train=False)
+
+
+def init_variables(model: asgnet.ASGNet, image_size: int, shot: int,
+                   rng: jax.Array) -> dict[str, Any]:
+  """Random initial variables (PyTorch default init, see the modules) for S×S inputs."""
+  return jax.device_get(dict(jax.jit(_init_fn(model, image_size, shot))(rng)))
+
+
+def variables_template(model: asgnet.ASGNet, image_size: int = 65,
+                       shot: int = 1) -> dict[str, Any]:
+  """The variables' structure as ``jax.ShapeDtypeStruct`` (nothing is computed).
+
+  Parameter shapes do not depend on the input size, so a small one is the default.
+  """
+  return jax.eval_shape(_init_fn(model, image_size, shot), jax.random.key(0))
 
 
 def load_backbone(variables: Mapping[str, Any], path: str, depth: int) -> dict[str, Any]:

@@ -283,10 +283,8 @@ def load_variables(model, config, *, workdir: Optional[str] = None,
     return variables, f"{workdir} step {read}"
   if checkpoint.endswith(io.SUFFIX):
     return io.load_variables(checkpoint), checkpoint
-  s, k = int(config.data.image_size), int(config.data.shot)
-  template = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1, k, s, s, 3)),
-                         jnp.ones((1, k, s, s), jnp.int32), train=False))
+  from fss_jax.models import builder  # pylint: disable=g-import-not-at-top
+  template = builder.variables_template(model, config.data.image_size, config.data.shot)
   state_dict = torch_import.load_state_dict(checkpoint)
   return torch_import.model_variables_from_torch(state_dict, template,
                                                  source=checkpoint), checkpoint
