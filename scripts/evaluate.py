@@ -12,15 +12,10 @@ Prints the per-class table and mIoU / FB-IoU (mean ± std over seeds); ``--outpu
 as JSON; ``--predictions`` writes a PNG of a few episodes (supports, truth, prediction).
 """
 import json
-import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
@@ -40,12 +35,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   from fss_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  sharding.script_setup(argv, _DISTRIBUTED.value)
   import jax  # pylint: disable=g-import-not-at-top
   from fss_jax import configs_lib  # pylint: disable=g-import-not-at-top
   from fss_jax.data import dataset_dir  # pylint: disable=g-import-not-at-top

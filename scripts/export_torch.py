@@ -11,9 +11,6 @@ A whole model (backbone under ``backbone``) gets the ASGNet checkpoint naming; a
 """
 import argparse
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fss_jax.convert import io
 from fss_jax.convert import torch_export

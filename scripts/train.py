@@ -8,15 +8,9 @@ Any config field can be overridden with ``--config.<group>.<field>=value``; unkn
 rejected. Multi-host: pass ``--distributed`` (or set FSS_JAX_DISTRIBUTED=1 /
 JAX_COORDINATOR_ADDRESS) to call ``jax.distributed.initialize()`` first.
 """
-import os
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
@@ -26,16 +20,10 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   from fss_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  sharding.script_setup(argv, _DISTRIBUTED.value)
   from fss_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  if result.get("stopped"):
-    sys.exit(0)
+  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

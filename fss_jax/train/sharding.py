@@ -56,6 +56,22 @@ def maybe_initialize_distributed(flag: Optional[bool] = None) -> bool:
   return True
 
 
+def script_setup(argv, distributed_flag: Optional[bool]) -> None:
+  """Common start of ``scripts/train.py`` / ``evaluate.py`` under ``absl.app``.
+
+  Rejects stray positional arguments, keeps Orbax's per-save INFO lines out of the output
+  unless ``--verbosity`` was given, and initialises ``jax.distributed`` when asked.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  maybe_initialize_distributed(distributed_flag)
+
+
 def make_mesh(devices=None) -> jax.sharding.Mesh:
   """1-D mesh with axis ``"data"`` over all devices (or the given ones)."""
   # Auto axis: shardings of intermediates are left to the compiler (jit + in/out shardings),
