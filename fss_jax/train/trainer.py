@@ -94,9 +94,13 @@ class _StopRequest:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def requested(self) -> bool:
+  def requested(self, sync: bool = True) -> bool:
+    """Whether to stop. With several processes the answer is agreed on (an all-gather), and
+    only when ``sync`` (at logging / checkpoint steps, not every step); otherwise False."""
     flag = self.signum is not None
     if jax.process_count() > 1:
+      if not sync:
+        return False
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
     return flag
@@ -216,8 +220,7 @@ def train_and_evaluate(config, workdir: str,
 
   result = {"step": start, "stopped": False}
   if t.eval_at_start and start == 0:
-    writer.write_scalars(0, {"untrained/" + k.split("/", 1)[1]: v
-                             for k, v in evaluate(0).items()})
+    evaluate(0)  # the untrained model's score, logged at step 0
 
   bar = logging_lib.ProgressBar(plan.total_steps, desc="train", unit="step", initial=start)
   pending, last_log, last_log_time = [], start, time.monotonic()
@@ -251,8 +254,9 @@ def train_and_evaluate(config, workdir: str,
           pending, last_log, last_log_time = [], step, now
 
         scores = evaluate(step) if plan.is_eval_step(step) else None
-        stopping = stop.requested()
-        if scores is not None or plan.is_checkpoint_step(step) or stopping:
+        boundary = scores is not None or plan.is_checkpoint_step(step)
+        stopping = stop.requested(sync=boundary or step % plan.log_every == 0)
+        if boundary or stopping:
           ckpt.save(step, state, train_iter, metrics=scores, force=True)
         result["step"] = step
         if stopping:
