@@ -104,7 +104,7 @@ def test_sigkill_resume_gives_the_uninterrupted_parameters(reference_run, data_d
   assert killed_at is not None and killed_at < STEPS, killed_at
 
   out = _run(cmd)  # the same command resumes
-  assert f"resumed from" in out.stdout
+  assert "resumed from" in out.stdout
 
   want, got = _flat(_final_trainable(reference_run)), _flat(_final_trainable(workdir))
   assert want.keys() == got.keys()
