@@ -98,7 +98,7 @@ def asgnet_base_config() -> ml_collections.ConfigDict:
   c.data.train_batch_size = 4          # global (over all processes)
   c.data.eval_batch_size = 1           # global; the metric is per episode, any size is exact
   c.data.num_workers = 4               # Grain mp_prefetch workers per process (0: in-process)
-  c.data.read_threads = 1
+  c.data.read_threads = 1              # with num_workers=0: threads building batches
   c.data.train_split = "train"
   c.data.eval_split = "val"
   c.data.eval_episodes = 1000

@@ -160,6 +160,30 @@ def test_workers_match_in_process_and_resume(dataset_dir):
     it2.close()
 
 
+def test_workers_reuse_slots_and_rewind(dataset_dir):
+  # 2 workers x 12 batches: every worker's shared-memory slots are refilled; rewinding the
+  # same iterator drops batches in flight, whose slots must come back (no stall, no reuse
+  # of a slot whose batch is still to be copied out).
+  want = _take(iter(_train(dataset_dir)), 24)
+  it = iter(_train(dataset_dir, num_workers=2))
+  try:
+    _assert_batches_equal(_take(it, 4), want[:4])
+    state = it.get_state()
+    _assert_batches_equal(_take(it, 6), want[4:10])
+    it.set_state(state)
+    _assert_batches_equal(_take(it, 20), want[4:24])
+  finally:
+    it.close()
+
+
+def test_eval_workers_match_in_process(dataset_dir):
+  kw = dict(fold=1, shot=2, image_size=SIZE, seed=321, batch_size=3, num_episodes=19,
+            min_pixels=MIN_PIXELS, original_label=True)
+  want = list(P.eval_dataset(dataset_dir, **kw))
+  got = list(P.eval_dataset(dataset_dir, num_workers=2, **kw))
+  _assert_batches_equal(got, want)
+
+
 def test_eval_dataset_exact_and_padded(dataset_dir):
   manifest = schema.load_manifest(dataset_dir)
   eps = episodes.eval_episode_list(manifest, "val", 1, 1, 10, 321, MIN_PIXELS)

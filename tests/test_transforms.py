@@ -183,3 +183,19 @@ def test_out_buffers_match_returned_arrays():
   np.testing.assert_array_equal(batch_lab[0], want_lab)
   with pytest.raises(ValueError, match="buffers"):
     T.eval_resize(image, label, 97, out=(batch_img[0], batch_lab[0]))
+
+
+def test_normalize_equals_torch_bitwise_and_fills_windows():
+  rng = np.random.default_rng(0)
+  image = (rng.random((37, 41, 3)) * 255).astype(np.float32)
+  image[0, :3] = [0, 127.5, 255]
+  want = _torch_normalize(image)
+  np.testing.assert_array_equal(T.normalize(image), want)
+  np.testing.assert_array_equal(T.normalize(image.astype(np.uint8)),
+                                _torch_normalize(image.astype(np.uint8).astype(np.float32)))
+  canvas = np.full((2, 50, 60, 3), np.nan, np.float32)  # a window of a batch, as in pipeline
+  T.normalize(image, out=canvas[1, 5:42, 7:48])
+  np.testing.assert_array_equal(canvas[1, 5:42, 7:48], want)
+  assert np.isnan(canvas[0]).all() and np.isnan(canvas[1, :5]).all()
+  batch = np.stack([image, image[::-1]])                # leading axes: image by image
+  np.testing.assert_array_equal(T.normalize(batch)[1], _torch_normalize(image[::-1]))

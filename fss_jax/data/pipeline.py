@@ -9,7 +9,9 @@ episode drawn from
 the query's augmentation, then each support's (transforms.py). A batch is therefore a pure
 function of (dataset, fold, shot, size, seed, batch number, process slice): the same for
 any worker count, and resumable from the iterator's `get_state()` (which holds only the
-next batch number, plus per-worker positions with `mp_prefetch`).
+next batch number, plus per-worker positions with `mp_prefetch`). Batches are built
+in-process (`read_threads` threads) or by `num_workers` processes that hand them over
+through reusable shared-memory slots (shm_slots.py).
 
 Evaluation: the fixed list of `episodes.eval_episodes` (exactly N), sliced per process and
 padded so that every process yields the same number of full batches; padding rows repeat
@@ -40,11 +42,11 @@ from typing import Any
 from absl import flags
 import cv2
 import grain
-import grain.python  # SharedMemoryArray
 import numpy as np
 
 from fss_jax.data import episodes as episodes_lib
 from fss_jax.data import schema
+from fss_jax.data import shm_slots
 from fss_jax.data import tfrecord
 from fss_jax.data import transforms
 
@@ -62,39 +64,63 @@ def decode_record(record: bytes) -> tuple[np.ndarray, np.ndarray]:
   return image, label
 
 
-_IN_WORKER = False
+# The batch slots of this process when it is a Grain worker (see shm_slots); None in-process.
+_WORKER_SLOTS: shm_slots.WorkerPools | None = None
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
-  del worker_index, worker_count
-  global _IN_WORKER
-  _IN_WORKER = True
-  # Workers already split the cores between them; OpenCV's own pool would oversubscribe.
-  cv2.setNumThreads(1)
+@dataclasses.dataclass(frozen=True)
+class _WorkerInit:
+  """Runs in each Grain worker process before it builds batches."""
+  num_slots: int
+
+  def __call__(self, worker_index: int, worker_count: int) -> None:
+    del worker_index, worker_count
+    global _WORKER_SLOTS
+    _WORKER_SLOTS = shm_slots.WorkerPools(self.num_slots)
+    # Workers already split the cores between them; OpenCV's own pool would oversubscribe.
+    cv2.setNumThreads(1)
 
 
-def _alloc(shape: tuple[int, ...], dtype) -> np.ndarray:
-  """A batch array; in a Grain worker, in shared memory so it is handed over uncopied."""
-  if _IN_WORKER:
-    return grain.python.SharedMemoryArray(shape, dtype)
-  return np.empty(shape, dtype)
+def _identity(batch):
+  return batch
+
+
+# Batches in flight in-process: Grain's read-ahead, the one being built, those the consumer
+# holds. Arrays of batches beyond that are reused once released.
+_IN_PROCESS_KEEP = 6
+
+
+def _new_batch(specs: dict[str, tuple[tuple[int, ...], Any]],
+               recycler: shm_slots.ArrayRecycler):
+  """(uninitialised batch arrays, finish): episodes are written straight into the arrays
+  (no stacking); `finish(arrays)` is what the batch function returns. In-process the arrays
+  come from `recycler`; in a worker they are a reusable shared-memory slot and finish
+  returns its handle."""
+  if _WORKER_SLOTS is None:
+    return ({k: recycler.empty(shape, dtype) for k, (shape, dtype) in specs.items()},
+            _identity)
+  return _WORKER_SLOTS.new_batch(specs)
+
+
+def _recycler_field():
+  return dataclasses.field(default_factory=lambda: shm_slots.ArrayRecycler(_IN_PROCESS_KEEP),
+                           compare=False, repr=False)
 
 
 def _as_list(items):
   return list(items)
 
 
-def _episode_buffers(batch: int, shot: int, size: int) -> dict[str, np.ndarray]:
-  """Uninitialised batch arrays; episodes are written straight into them (no stacking)."""
+def _episode_specs(batch: int, shot: int, size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
   return {
-      "query": _alloc((batch, size, size, 3), np.float32),
-      "query_label": _alloc((batch, size, size), np.int32),
-      "supp_images": _alloc((batch, shot, size, size, 3), np.float32),
-      "supp_labels": _alloc((batch, shot, size, size), np.int32),
-      "class_id": np.empty((batch,), np.int32),
-      "index": np.empty((batch,), np.int64),
-      "query_record": np.empty((batch,), np.int64),
-      "supp_records": np.empty((batch, shot), np.int64),
+      "query": ((batch, size, size, 3), np.float32),
+      "query_label": ((batch, size, size), np.int32),
+      "supp_images": ((batch, shot, size, size, 3), np.float32),
+      "supp_labels": ((batch, shot, size, size), np.int32),
+      "class_id": ((batch,), np.int32),
+      "index": ((batch,), np.int64),
+      "query_record": ((batch,), np.int64),
+      "supp_records": ((batch, shot), np.int64),
   }
 
 
@@ -116,9 +142,11 @@ class TrainBatchFn:
   reader: tfrecord.TFRecordReader
   aug: transforms.TrainAugConfig
   seed: int
+  recycler: shm_slots.ArrayRecycler = _recycler_field()
 
   def __call__(self, items: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-    out = _episode_buffers(len(items), self.sampler.shot, self.aug.size)
+    out, finish = _new_batch(
+        _episode_specs(len(items), self.sampler.shot, self.aug.size), self.recycler)
     for j, (position, entry) in enumerate(items):
       rng = np.random.default_rng([self.seed, position])
       ep = self.sampler.sample(entry, rng)
@@ -129,7 +157,7 @@ class TrainBatchFn:
       out["index"][j] = position
       out["query_record"][j] = ep.query
       out["supp_records"][j] = ep.supports
-    return out
+    return finish(out)
 
   def _load(self, record_index, class_id, rng, out_image, out_label):
     image, label = decode_record(self.reader[record_index])
@@ -143,18 +171,30 @@ def _read_options(threads: int) -> grain.ReadOptions:
                            prefetch_buffer_size=max(2 * int(threads), 2))
 
 
+# Batches a worker can have handed over but not yet copied out, plus one: its read-ahead
+# (WORKER_READ_AHEAD), the one it is building, its output queue and the main process's
+# per-worker buffer (PER_WORKER_BUFFER each), the one being copied out, and one to spare.
+WORKER_READ_AHEAD = 1
+WORKER_SLOTS = WORKER_READ_AHEAD + 1 + 2 * PER_WORKER_BUFFER + 2
+
+
 def _prefetch(ds: grain.MapDataset, num_workers: int, read_threads: int):
-  it_ds = ds.to_iter_dataset(_read_options(read_threads))
-  if num_workers > 0:
-    if not flags.FLAGS.is_parsed():
-      # Grain's worker processes read absl flags; outside absl.app (tests, notebooks,
-      # plain scripts) nothing parsed them, so accept the defaults.
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=int(num_workers),
-                                     per_worker_buffer_size=PER_WORKER_BUFFER),
-        worker_init_fn=_worker_init)
-  return it_ds
+  """Batches built in-process by `read_threads` threads, or by `num_workers` processes
+  (each builds one batch at a time into reusable shared-memory slots, see shm_slots)."""
+  if num_workers <= 0:
+    return ds.to_iter_dataset(_read_options(read_threads))
+  if not flags.FLAGS.is_parsed():
+    # Grain's worker processes read absl flags; outside absl.app (tests, notebooks,
+    # plain scripts) nothing parsed them, so accept the defaults.
+    flags.FLAGS.mark_as_parsed()
+  # One read thread per worker: slots are recycled in the order batches are handed over.
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                               prefetch_buffer_size=WORKER_READ_AHEAD))
+  it_ds = it_ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=int(num_workers),
+                                   per_worker_buffer_size=PER_WORKER_BUFFER),
+      worker_init_fn=_WorkerInit(WORKER_SLOTS))
+  return shm_slots.ReceiveSlots(it_ds)
 
 
 def _check_seed(seed: int) -> int:
@@ -202,11 +242,14 @@ def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed:
     batch_size: episodes per batch on this process (the global batch is
       batch_size * process_count).
     process_index, process_count: this host's disjoint slice of the episode stream.
-    num_workers: Grain `mp_prefetch` worker processes (0: in-process).
+    num_workers: Grain `mp_prefetch` worker processes (0: in-process). Each builds one
+      batch at a time into reusable shared-memory slots (shm_slots; WORKER_SLOTS batches
+      per worker stay allocated in /dev/shm).
     split: manifest split to sample from.
     aug: augmentation settings (size is overridden by image_size).
     min_pixels: class eligibility threshold.
-    read_threads: Grain read threads per process (batches built concurrently).
+    read_threads: with num_workers=0, threads building batches concurrently (decoding and
+      OpenCV release the GIL, so threads scale with cores); ignored with workers.
   Returns:
     IterDataset; `iter()` gives a DatasetIterator with get_state()/set_state().
   """
@@ -230,14 +273,16 @@ class EvalBatchFn:
   process_index: int
   process_count: int
   orig_label_size: int | None
+  recycler: shm_slots.ArrayRecycler = _recycler_field()
 
   def __call__(self, slots: list[int]) -> dict[str, np.ndarray]:
-    out = _episode_buffers(len(slots), self.shot, self.image_size)
-    out["valid"] = np.empty((len(slots),), np.bool_)
+    specs = _episode_specs(len(slots), self.shot, self.image_size)
+    specs["valid"] = ((len(slots),), np.bool_)
     if self.orig_label_size is not None:
       m = self.orig_label_size
-      out["orig_label"] = np.empty((len(slots), m, m), np.int32)
-      out["orig_size"] = np.empty((len(slots), 2), np.int32)
+      specs["orig_label"] = ((len(slots), m, m), np.int32)
+      specs["orig_size"] = ((len(slots), 2), np.int32)
+    out, finish = _new_batch(specs, self.recycler)
     for j, slot in enumerate(slots):
       index = self.process_index + self.process_count * int(slot)
       valid = index < len(self.episodes)
@@ -253,7 +298,7 @@ class EvalBatchFn:
       if self.orig_label_size is not None:
         out["orig_label"][j] = transforms.pad_label(label, self.orig_label_size)
         out["orig_size"][j] = label.shape
-    return out
+    return finish(out)
 
   def _load(self, record_index, class_id, out_image, out_label) -> np.ndarray:
     image, label = decode_record(self.reader[record_index])
