@@ -181,8 +181,9 @@ class Evaluator:
     meter = metrics_lib.FewShotMeter(self.classes)
     bar = logging_lib.ProgressBar(self.num_batches(), desc=desc, unit="batch",
                                   enabled=None if progress else False)
+    batches = iter(ds)
     try:
-      for batch in ds:
+      for batch in batches:
         device_batch = sharding.host_batch_to_global({k: batch[k] for k in keys}, self.mesh)
         inter, union = episode_scores(self.model, variables, device_batch,
                                       self.original_label)
@@ -191,6 +192,7 @@ class Evaluator:
         bar.update(1)
     finally:
       bar.close()
+      batches.close()  # stops worker processes now, not at garbage collection
     meter = metrics_lib.gather_meter(meter)
     if meter.num_episodes != self.num_episodes:
       raise RuntimeError(f"evaluation scored {meter.num_episodes} episodes, expected "

@@ -268,6 +268,7 @@ def train_and_evaluate(config, workdir: str,
       bar.close()
       ckpt.wait()
       writer.flush()
+      train_iter.close()  # stops data workers before the final evaluation starts its own
 
   if not result["stopped"]:
     result["final"] = final_evaluation(config, workdir, ckpt, state, novel_eval, writer)
