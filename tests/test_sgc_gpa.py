@@ -146,6 +146,26 @@ def test_sgc_full_size_smooth_features():
   assert errs["jax"] <= REL_TOL, errs
 
 
+def test_sgc_roi_prefix_branches_match_reference():
+  # On CPU each shot iterates over the smallest prefix of ROI_CAPACITIES that holds its ROI:
+  # one shot per capacity (ROI of ~5%, 20%, 40% and 80% of the 21 x 21 grid).
+  rng = np.random.default_rng(11)
+  size, h = 161, 21
+  masks = np.zeros((4, size, size), np.uint8)
+  for i, side in enumerate((50, 72, 102, 144)):
+    y0, x0 = rng.integers(0, size - side, 2)
+    masks[i, y0:y0 + side, x0:x0 + side] = 1
+  soft = _soft_masks(masks, h, h)
+  caps = sgc._roi_capacities(h * h, 5)
+  branch = np.searchsorted(caps, (soft == 1.0).reshape(4, -1).sum(1), side="left")
+  assert sorted(branch) == list(range(len(caps))), (caps, branch)
+  seeds = np.asarray(_place_seeds(jnp.asarray(masks), avg_sp_area=20)[0])
+  assert np.all(np.asarray(sgc.effective_num_seeds(jnp.asarray(seeds))) >= 2)
+  errs, _, _ = _compare_with_reference(_smooth_features(rng, 4, h, h, 48), soft, seeds, 5,
+                                       "matmul")
+  assert errs["jax"] <= REL_TOL, errs
+
+
 @pytest.mark.parametrize("distance", ["matmul", "direct"])
 def test_sgc_per_shot_loop_equals_batched(distance):
   rng = np.random.default_rng(9)
