@@ -7,7 +7,8 @@ measures training episodes per second at --size (473) for 1 and 5 shots:
 
   fss_jax   `pipeline.train_dataset` (TFRecord reads; episode classes from the manifest, so only
             the episode's own labels are decoded; episodes written straight into the batch
-            arrays, in shared memory inside workers), with 0 and 2 Grain worker processes.
+            arrays; workers hand them over through reusable shared-memory slots), with 0 and 2
+            Grain worker processes.
   reference a re-implementation of the reference loader's work: per-episode file reads from the
             folder (cv2.imread of image and grayscale label, BGR->RGB, float32), the query's class
             list rebuilt at episode time from the decoded label (np.unique + per-class pixel
@@ -21,7 +22,8 @@ measures training episodes per second at --size (473) for 1 and 5 shots:
 
 Both produce batches of --batch episodes. Each configuration is timed over --episodes episodes
 after 2 x max(workers, 1) warm-up batches (worker start-up and first reads: every worker has
-delivered before the clock starts); the best of --repeats runs counts.
+delivered before the clock starts); the two loaders alternate within each of --repeats rounds
+and the best round of each counts.
 
   python benchmarks/data_speed.py                     # full table
   python benchmarks/data_speed.py --scenes 120 --episodes 40 --repeats 1   # quick
@@ -226,7 +228,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--episodes", type=int, default=240,
                       help="timed episodes per configuration (5-shot: half)")
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
   parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
   args = parser.parse_args(argv)
@@ -245,22 +247,27 @@ def main(argv=None):
     print(f"start-up (class lists): reference {ref_init * 1e3:.0f} ms (decodes every "
           f"label), fss_jax {ours_init * 1e3:.0f} ms (manifest)", flush=True)
 
+    # Written files are still being flushed to disk for a while; let that finish first.
+    os.sync()
     results = {}
     for shot in args.shots:
       n = args.episodes if shot == 1 else max(args.episodes // 2, args.batch)
       for workers in args.workers:
-        for name, make in (("reference", baseline_batches), ("fss_jax", pipeline_batches)):
-          best = 0.0
-          for _ in range(args.repeats):
+        best = {"reference": 0.0, "fss_jax": 0.0}
+        # Alternate the two loaders in each repeat, so that a slow spell of the machine
+        # does not fall on one of them only; the best of the repeats counts.
+        for _ in range(args.repeats):
+          for name, make in (("reference", baseline_batches), ("fss_jax", pipeline_batches)):
             # Warm up until every worker has delivered: a window that starts while a
             # worker is still importing measures start-up, not throughput.
             eps = episodes_per_second(
                 lambda: make(folder if name == "reference" else tf_dir, shot, args.size,
                              args.batch, workers), n, args.batch,
                 warmup_batches=2 * max(workers, 1))
-            best = max(best, eps)
-          results[(name, shot, workers)] = best
-          print(f"  {name:9s} {shot}-shot workers={workers}: {best:.1f} episodes/s",
+            best[name] = max(best[name], eps)
+        for name, eps in best.items():
+          results[(name, shot, workers)] = eps
+          print(f"  {name:9s} {shot}-shot workers={workers}: {eps:.1f} episodes/s",
                 flush=True)
 
   base0 = {shot: results[("reference", shot, args.workers[0])] for shot in args.shots}
