@@ -351,7 +351,8 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
       ``ROI_CAPACITIES`` * h*w pixels that holds its ROI (ROI pixels gathered first), instead
       of all shots at once over all pixels; None: loop on CPU (cache-friendly, and the work
       follows the ROI's size: 9-10 ms against 13-16 ms batched for the 5-shot episode of
-      benchmarks/model_speed.py on 2 cores),
+      benchmarks/model_speed.py on 2 cores; each prefix size is compiled, ~2 s more per model
+      compilation),
       batched on accelerators. Both give the same prototypes up to float rounding.
 
   Returns:
