@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from fss_jax.train import losses
@@ -26,12 +27,13 @@ def _torch_ce(logits, labels):
   return loss.item(), lt.grad.numpy().transpose(0, 2, 3, 1)
 
 
-def test_cross_entropy_matches_torch_value_and_grad():
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8])  # the pipeline's labels are uint8
+def test_cross_entropy_matches_torch_value_and_grad(dtype):
   for shape in [(2, 7, 9, 2), (1, 5, 4, 5)]:
     logits, labels = _case(shape)
     assert (labels == 255).any() and (labels != 255).any()
     loss, grad = jax.value_and_grad(losses.cross_entropy_ignore)(
-        jnp.asarray(logits), jnp.asarray(labels))
+        jnp.asarray(logits), jnp.asarray(labels.astype(dtype)))
     loss_t, grad_t = _torch_ce(logits, labels)
     np.testing.assert_allclose(float(loss), loss_t, rtol=RTOL)
     np.testing.assert_allclose(np.asarray(grad), grad_t, rtol=RTOL, atol=ATOL)

@@ -46,9 +46,9 @@ def test_train_batch_layout(dataset_dir):
   batch = next(iter(_train(dataset_dir, shot=2)))
   assert P.describe_batch(batch) == {
       "query": ((4, SIZE, SIZE, 3), "float32"),
-      "query_label": ((4, SIZE, SIZE), "int32"),
+      "query_label": ((4, SIZE, SIZE), "uint8"),
       "supp_images": ((4, 2, SIZE, SIZE, 3), "float32"),
-      "supp_labels": ((4, 2, SIZE, SIZE), "int32"),
+      "supp_labels": ((4, 2, SIZE, SIZE), "uint8"),
       "class_id": ((4,), "int32"),
       "index": ((4,), "int64"),
       "query_record": ((4,), "int64"),

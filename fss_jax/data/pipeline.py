@@ -19,16 +19,16 @@ episode 0 and carry `valid == False`.
 
 Element layout (batched, B = per-process batch size, K = shot, S = image size):
   query        float32 (B, S, S, 3)   normalised RGB
-  query_label  int32   (B, S, S)      {0 background, 1 class, 255 ignore}
+  query_label  uint8   (B, S, S)      {0 background, 1 class, 255 ignore}
   supp_images  float32 (B, K, S, S, 3)
-  supp_labels  int32   (B, K, S, S)
+  supp_labels  uint8   (B, K, S, S)
   class_id     int32   (B,)
   index        int64   (B,)           global episode index (train: stream position)
   query_record int64   (B,)           record index of the query in its split
   supp_records int64   (B, K)
 and for evaluation also
   valid        bool    (B,)
-  orig_label   int32   (B, M, M)      (optional) binary label at the original size,
+  orig_label   uint8   (B, M, M)      (optional) binary label at the original size,
                                       top-left, padded with 255 (the reference compares
                                       against the max(H, W) square: crop [:L, :L])
   orig_size    int32   (B, 2)         (optional) original (H, W)
@@ -114,9 +114,9 @@ def _as_list(items):
 def _episode_specs(batch: int, shot: int, size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
   return {
       "query": ((batch, size, size, 3), np.float32),
-      "query_label": ((batch, size, size), np.int32),
+      "query_label": ((batch, size, size), np.uint8),
       "supp_images": ((batch, shot, size, size, 3), np.float32),
-      "supp_labels": ((batch, shot, size, size), np.int32),
+      "supp_labels": ((batch, shot, size, size), np.uint8),
       "class_id": ((batch,), np.int32),
       "index": ((batch,), np.int64),
       "query_record": ((batch,), np.int64),
@@ -280,7 +280,7 @@ class EvalBatchFn:
     specs["valid"] = ((len(slots),), np.bool_)
     if self.orig_label_size is not None:
       m = self.orig_label_size
-      specs["orig_label"] = ((len(slots), m, m), np.int32)
+      specs["orig_label"] = ((len(slots), m, m), np.uint8)
       specs["orig_size"] = ((len(slots), 2), np.int32)
     out, finish = _new_batch(specs, self.recycler)
     for j, slot in enumerate(slots):

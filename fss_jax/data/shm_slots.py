@@ -3,8 +3,8 @@
 Grain hands every NumPy array a worker returns to the main process in a new shared-memory
 segment. Each page of a new segment is allocated and faulted in by the worker, mapped again by
 the main process and freed afterwards; on the 2-core VM of benchmarks/data_speed.py that cost
-about 1 ms per MB, a third of a worker's time for 1-shot training batches at 473 (7 MB of
-float32 images and labels per episode).
+about 1 ms per MB, a third of a worker's time for 1-shot training batches at 473 (6-7 MB
+of images and labels per episode).
 
 Here each worker process instead makes one segment of `num_slots` batch-sized slots the first
 time it builds a batch of a given layout, writes every batch into a free slot and returns a
