@@ -350,10 +350,9 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
     loop: cluster one shot after the other (``lax.map``), each over the smallest prefix of
       ``ROI_CAPACITIES`` * h*w pixels that holds its ROI (ROI pixels gathered first), instead
       of all shots at once over all pixels; None: loop on CPU (cache-friendly, and the work
-      follows the ROI's size: 9-10 ms against 13-16 ms batched for the 5-shot episode of
-      benchmarks/model_speed.py on 2 cores; each prefix size is compiled, ~2 s more per model
-      compilation),
-      batched on accelerators. Both give the same prototypes up to float rounding.
+      follows the ROI's size; each prefix size is compiled, which lengthens a model's
+      compilation by a few seconds), batched on accelerators. Both give the same prototypes
+      up to float rounding.
 
   Returns:
     protos: (B, max_sp, C) prototypes; invalid slots are zeros.
@@ -383,52 +382,40 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
       flat_feat, (seeds[..., 0] * w + seeds[..., 1])[..., None], axis=1)  # (B, K, C)
   xy = jnp.asarray(_pixel_coords(h, w), feat.dtype)
 
-  def cluster(args):
+  def cluster(args, roi_first: bool):
     f, r, i_f, i_xy, m = args
     # One pass over the features for both the ROI sum (SGC's centring) and the soft-masked sum
     # (the fallback prototype, ``ops.masked_average_pool``).
     weights = jnp.stack([r.astype(f.dtype), m.reshape(m.shape[0], -1)], axis=-1)
     sums = jnp.einsum("bnw,bnc->bwc", weights, f, precision=jax.lax.Precision.HIGHEST)
     fallback = sums[:, 1] / (jnp.sum(weights[..., 1], axis=1)[:, None] + ops.MASKED_POOL_EPS)
-    return _cluster(f, r, i_f, i_xy, xy, n_iter, distance, roi_sum=sums[:, 0]), fallback
-
-  def cluster_roi_first(args):
+    if not roi_first:
+      return _cluster(f, r, i_f, i_xy, xy, n_iter, distance, roi_sum=sums[:, 0]), fallback
     # One shot (leading axis 1). Its ROI pixels are gathered to the front (raster order kept)
     # and the iterations run over the smallest prefix of ROI_CAPACITIES * h*w pixels that
     # holds them: the work follows the ROI's size, as the reference's loop over ROI pixels.
-    f, r, i_f, i_xy, m = args
-    weights = jnp.stack([r.astype(f.dtype), m.reshape(m.shape[0], -1)], axis=-1)
-    sums = jnp.einsum("bnw,bnc->bwc", weights, f, precision=jax.lax.Precision.HIGHEST)
-    fallback = sums[:, 1] / (jnp.sum(weights[..., 1], axis=1)[:, None] + ops.MASKED_POOL_EPS)
     caps = _roi_capacities(h * w, max_sp)
     order = jnp.argsort(~r[0], stable=True)
 
     def branch(cap):
-      def run(operands):
-        f, r, i_f, i_xy, roi_sum = operands
-        if cap < h * w:
-          f, r, pix = f[:, order[:cap]], r[:, order[:cap]], xy[order[:cap]]
-        else:
-          pix = xy
-        return _cluster(f, r, i_f, i_xy, pix, n_iter, distance, roi_sum=roi_sum)
-      return run
+      keep = order[:cap] if cap < h * w else slice(None)
+      return lambda _: _cluster(f[:, keep], r[:, keep], i_f, i_xy, xy[keep], n_iter, distance,
+                                roi_sum=sums[:, 0])
 
     which = jnp.searchsorted(jnp.asarray(caps), jnp.sum(r), side="left")
-    centres = jax.lax.switch(which, [branch(cap) for cap in caps],
-                             (f, r, i_f, i_xy, sums[:, 0]))
-    return centres, fallback
+    return jax.lax.switch(which, [branch(cap) for cap in caps], None), fallback
 
   args = (flat_feat, roi, init_feat, seeds.astype(feat.dtype), soft_mask)
   if _resolve_loop(loop):
     # One shot at a time: its features (h*w*C floats, 3.7 MB at 60x60x256) stay in cache over
     # the iterations instead of streaming the whole batch from memory at every pass, and
-    # the iterations cover only a prefix that holds the ROI (cluster_roi_first).
+    # the iterations cover only a prefix that holds the ROI.
     centres, fallback = jax.lax.map(
         lambda a: jax.tree.map(lambda x: x[0],
-                               cluster_roi_first(jax.tree.map(lambda x: x[None], a))),
+                               cluster(jax.tree.map(lambda x: x[None], a), roi_first=True)),
         args)
   else:
-    centres, fallback = cluster(args)  # (B, K, C), (B, C)
+    centres, fallback = cluster(args, roi_first=False)  # (B, K, C), (B, C)
 
   valid = jnp.where(use_sgc[:, None], slot[None, :] < n[:, None], slot[None, :] == 0)
   protos = jnp.where(use_sgc[:, None, None], centres,
