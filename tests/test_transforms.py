@@ -199,3 +199,5 @@ def test_normalize_equals_torch_bitwise_and_fills_windows():
   assert np.isnan(canvas[0]).all() and np.isnan(canvas[1, :5]).all()
   batch = np.stack([image, image[::-1]])                # leading axes: image by image
   np.testing.assert_array_equal(T.normalize(batch)[1], _torch_normalize(image[::-1]))
+  with pytest.raises(ValueError, match="same shape"):
+    T.normalize(image, out=np.empty((37, 40, 3), np.float32))

@@ -2,9 +2,8 @@
 
 Grain hands every NumPy array a worker returns to the main process in a new shared-memory
 segment. Each page of a new segment is allocated and faulted in by the worker, mapped again by
-the main process and freed afterwards; on the 2-core VM of benchmarks/data_speed.py that cost
-about 1 ms per MB, a third of a worker's time for 1-shot training batches at 473 (6-7 MB
-of images and labels per episode).
+the main process and freed afterwards; with 6-7 MB of images and labels per 1-shot episode at
+473, page faults were a large share of a worker's time on the VM of benchmarks/data_speed.py.
 
 Here each worker process instead makes one segment of `num_slots` batch-sized slots the first
 time it builds a batch of a given layout, writes every batch into a free slot and returns a
@@ -30,6 +29,7 @@ tracker when the main process exits.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -54,17 +54,21 @@ def layout_of(specs: dict[str, tuple[tuple[int, ...], Any]]) -> Layout:
                for k, (shape, dtype) in specs.items())
 
 
-def _slot_offsets(layout: Layout) -> tuple[list[int], int]:
+@functools.lru_cache(maxsize=64)
+def _slot_offsets(layout: Layout) -> tuple[tuple[int, ...], int]:
   """Byte offset of each array inside a slot, and the slot's size (both 64-byte aligned)."""
   offsets, pos = [], 0
   for _, shape, dtype in layout:
     offsets.append(pos)
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     pos += -(-nbytes // _ALIGN) * _ALIGN
-  return offsets, max(pos, _ALIGN)
+  return tuple(offsets), max(pos, _ALIGN)
 
 
-def _slot_views(buf, layout: Layout, offsets: list[int], start: int) -> dict[str, np.ndarray]:
+def _slot_views(buf, layout: Layout, slot: int) -> dict[str, np.ndarray]:
+  """The arrays of slot `slot` of a segment's buffer."""
+  offsets, slot_bytes = _slot_offsets(layout)
+  start = _HEADER_BYTES + slot * slot_bytes
   return {k: np.ndarray(shape, np.dtype(dtype), buffer=buf, offset=start + off)
           for (k, shape, dtype), off in zip(layout, offsets)}
 
@@ -88,14 +92,16 @@ def _reserve(shm: shared_memory.SharedMemory, size: int) -> None:
 
 
 class WorkerSlots:
-  """One worker's segment of `num_slots` slots for batches of one layout."""
+  """One worker's segment of `num_slots` slots for batches of one layout.
+
+  Used by the worker's single batch-building thread (see the module docstring).
+  """
 
   def __init__(self, layout: Layout, num_slots: int):
     if num_slots < 1:
       raise ValueError(f"num_slots must be >= 1, got {num_slots}")
     self.layout = layout
-    self._offsets, self._slot_bytes = _slot_offsets(layout)
-    size = _HEADER_BYTES + num_slots * self._slot_bytes
+    size = _HEADER_BYTES + num_slots * _slot_offsets(layout)[1]
     self._shm = shared_memory.SharedMemory(create=True, size=size)
     _reserve(self._shm, size)
     self._consumed = np.ndarray((1,), np.int64, buffer=self._shm.buf)
@@ -103,19 +109,17 @@ class WorkerSlots:
     self._last = [0] * num_slots      # number of the last batch published from each slot
     self._filling = [False] * num_slots
     self._published = 0
-    self._lock = threading.Lock()
 
   @property
   def name(self) -> str:
     return self._shm.name
 
   def _try_take(self) -> int | None:
-    with self._lock:
-      consumed = int(self._consumed[0])
-      for i, last in enumerate(self._last):
-        if not self._filling[i] and last <= consumed:
-          self._filling[i] = True
-          return i
+    consumed = int(self._consumed[0])
+    for i, last in enumerate(self._last):
+      if not self._filling[i] and last <= consumed:
+        self._filling[i] = True
+        return i
     return None
 
   def acquire(self) -> tuple[int, dict[str, np.ndarray]]:
@@ -126,16 +130,14 @@ class WorkerSlots:
       # (training step, evaluation); wait for it.
       time.sleep(wait)
       wait = min(wait * 2, 0.01)
-    start = _HEADER_BYTES + slot * self._slot_bytes
-    return slot, _slot_views(self._shm.buf, self.layout, self._offsets, start)
+    return slot, _slot_views(self._shm.buf, self.layout, slot)
 
   def publish(self, slot: int) -> dict[str, Any]:
     """Marks the filled slot as handed over; returns the element to send instead."""
-    with self._lock:
-      self._published += 1
-      self._last[slot] = self._published
-      self._filling[slot] = False
-      return {HANDLE_KEY: (self.name, slot, self._published, self.layout)}
+    self._published += 1
+    self._last[slot] = self._published
+    self._filling[slot] = False
+    return {HANDLE_KEY: (self.name, slot, self._published, self.layout)}
 
 
 class WorkerPools:
@@ -144,22 +146,17 @@ class WorkerPools:
   def __init__(self, num_slots: int):
     self.num_slots = int(num_slots)
     self._pools: dict[Layout, WorkerSlots] = {}
-    self._lock = threading.Lock()
 
   def new_batch(self, specs: dict[str, tuple[tuple[int, ...], Any]]
                 ) -> tuple[dict[str, np.ndarray], Callable[[dict], dict]]:
-    """(arrays to fill, finish): finish(filled arrays) is the element the worker returns."""
+    """(arrays to fill, finish): finish(arrays), once they are filled, is the element the
+    worker returns: the slot's handle."""
     layout = layout_of(specs)
-    with self._lock:
-      pool = self._pools.get(layout)
-      if pool is None:
-        pool = self._pools[layout] = WorkerSlots(layout, self.num_slots)
+    pool = self._pools.get(layout)
+    if pool is None:
+      pool = self._pools[layout] = WorkerSlots(layout, self.num_slots)
     slot, arrays = pool.acquire()
-
-    def finish(filled: dict[str, np.ndarray]) -> dict[str, Any]:
-      extra = {k: v for k, v in filled.items() if k not in arrays}
-      return {**pool.publish(slot), **extra}
-    return arrays, finish
+    return arrays, lambda filled: pool.publish(slot)
 
 
 class _Segment:
@@ -179,10 +176,9 @@ class _Segment:
 class ArrayRecycler:
   """np.empty that hands out again arrays it made earlier once nothing else holds them.
 
-  Batch arrays are several MB each; fresh ones cost a page fault per 4 KiB page (a quarter
-  of the main process's core when copying 1-shot 473 batches out of the slots on the 2-core
-  VM; malloc returns arrays over 32 MB, such as 5-shot support batches, to the system at
-  every free). An array is reused only when the recycler's own list holds the sole reference
+  Batch arrays are several MB each; fresh ones cost a page fault per 4 KiB page (glibc's
+  malloc returns arrays over 32 MB, such as 5-shot support batches, to the system at every
+  free, so they are fresh every time). An array is reused only when the recycler's own list holds the sole reference
   to it (views, JAX buffers that alias it, a batch dict a caller keeps: all hold references).
   """
 
@@ -225,8 +221,7 @@ def receive(element: Any, segments: dict[str, _Segment],
     raise RuntimeError(f"shared-memory batch {number} of segment {name} arrived after batch "
                        f"{consumed}: its slot may have been reused (a worker built batches "
                        "out of order)")
-  offsets, slot_bytes = _slot_offsets(layout)
-  views = _slot_views(seg.shm.buf, layout, offsets, _HEADER_BYTES + slot * slot_bytes)
+  views = _slot_views(seg.shm.buf, layout, slot)
   empty = np.empty if recycler is None else recycler.empty
   batch = {}
   for k in list(views):
@@ -235,7 +230,6 @@ def receive(element: Any, segments: dict[str, _Segment],
     np.copyto(batch[k], view)
     del view
   seg.consumed[0] = number  # the copies are done: the worker may refill the slot
-  batch.update((k, v) for k, v in element.items() if k != HANDLE_KEY)
   return batch
 
 
