@@ -12,7 +12,7 @@ from fss_jax import configs_lib
 
 def get_config(arg=None):
   args = configs_lib.parse_arg(arg, configs_lib.COMMON_ARGS)
-  config = configs_lib.asgnet_base_config()
+  config = configs_lib.base_config("asgnet")
   config.data.dataset = "coco20i"
   config.data.image_size = 641
   config.data.train_batch_size = 8

@@ -11,7 +11,7 @@ from fss_jax import configs_lib
 
 def get_config(arg=None):
   args = configs_lib.parse_arg(arg, configs_lib.COMMON_ARGS)
-  config = configs_lib.asgnet_base_config()
+  config = configs_lib.base_config("asgnet")
   config.data.dataset = "pascal5i"
   configs_lib.apply_common_args(config, args)
   configs_lib.validate_config(config)

@@ -5,20 +5,28 @@ A config file defines ``get_config(arg=None)``; ``arg`` is the text after ``:`` 
 ``parse_arg`` into typed values. Every field can then be overridden with
 ``--config.train.lr=0.01`` (ml_collections ``config_flags``); unknown fields are rejected there.
 
-The field layout is the one of ``asgnet_base_config``; config files only change values.
+The field layout is the one of ``base_config(model_name)``: data and train fields shared by every
+model, the backbone fields every model has, and the model's own fields (its ``model_config()``,
+``fss_jax/models/registry.py``); config files only change values.
 """
 import importlib.util
+import json
 import os
 from typing import Any, Dict, Mapping, Optional
 
 import ml_collections
+
+from fss_jax.models import backbones
+from fss_jax.models import registry
 
 # arg value of `backbone` -> (model.backbone family, model.depth)
 BACKBONES = {
     "resnet50": ("resnet", 50),
     "resnet101": ("resnet", 101),
     "resnet_small": ("resnet_small", 50),
+    "vgg16_bn": ("vgg16_bn", 50),  # depth unused
 }
+RESNET_DEPTHS = (50, 101)
 # The small backbone trained from scratch on the procedural dataset: planes 16·(1,2,4,8), one
 # bottleneck per stage (layer2 128 + layer3 256 channels into the head).
 SMALL_WIDTH = 16
@@ -85,15 +93,17 @@ def _cast(key: str, value: str, default: Any) -> Any:
   return value
 
 
-def asgnet_base_config() -> ml_collections.ConfigDict:
-  """ASGNet on PASCAL-5i as in the reference (``data/config/pascal/*.yaml``, ``tool/train.py``)."""
+def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
+  """Every field, with the reference's PASCAL-5i settings (ASGNet's and PFENet's yaml files and
+  training scripts agree on them), and ``model_name``'s own model fields."""
   c = ml_collections.ConfigDict()
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "pascal5i"          # 'pascal5i' | 'coco20i' | 'synthetic' (converted dir)
   c.data.data_dir = ""                 # directory with manifest.json + TFRecord shards
   c.data.fold = 0
-  c.data.shot = 1
+  c.data.shot = 1                      # training episodes (and evaluation unless eval_shot)
+  c.data.eval_shot = 0                 # > 0: evaluation shots (PFENet: 1-shot model at 5 shots)
   c.data.image_size = 473              # 8k+1; train crop and evaluation canvas
   c.data.train_batch_size = 4          # global (over all processes)
   c.data.eval_batch_size = 1           # global; the metric is per episode, any size is exact
@@ -112,19 +122,15 @@ def asgnet_base_config() -> ml_collections.ConfigDict:
   c.data.original_label_eval = False
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "asgnet"
-  c.model.backbone = "resnet"          # 'resnet' (deep-stem dilated v2) | 'resnet_small'
-  c.model.depth = 50                   # 50 | 101
-  c.model.bins = (60, 30, 15, 8)       # FEM bins: ints absolute, floats <= 1 relative
-  c.model.reduce_dim = 256
-  c.model.train_iters = 10             # SGC iterations
-  c.model.eval_iters = 5
-  c.model.max_sp = 5
+  c.model.name = model_name            # a key of fss_jax.models.registry.MODELS
+  c.model.backbone = "resnet"          # 'resnet' (deep-stem dilated v2) | 'resnet_small' | 'vgg16_bn'
+  c.model.depth = 50                   # 50 | 101 (ResNet)
   c.model.bn_mode = "frozen"           # 'frozen' | 'batch_stats' (the reference's train-mode quirk)
   c.model.backbone_dtype = "float32"   # 'float32' | 'bfloat16'
   c.model.backbone_width = 64          # 64 = ResNet-50/101; resnet_small: 16
   c.model.backbone_blocks = ()         # () = from depth; resnet_small: (1, 1, 1, 1)
   c.model.backbone_weights = ""        # ImageNet .pth (PyTorch) or .msgpack; '' = random init
+  c.model.update(registry.model_config(model_name))
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 200
@@ -134,7 +140,7 @@ def asgnet_base_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 1e-4
   c.train.poly_power = 0.9
   c.train.poly_step_offset = 1         # the reference's 1-based iteration counter
-  c.train.aux_weight = 1.0
+  c.train.aux_weight = 1.0             # the FEM models' auxiliary-loss weight
   c.train.frozen_keys = ("backbone",)  # top-level params without gradient / optimiser state
   c.train.log_every = 50               # steps
   c.train.eval_every = 0               # steps; 0: use eval_every_epochs
@@ -165,8 +171,10 @@ def apply_common_args(config: ml_collections.ConfigDict, args: Mapping[str, Any]
       raise ValueError(f"Config arguments backbone={backbone} and depth={depth} disagree.")
     set_backbone(config, family, bdepth)
   if depth:
-    if depth not in (50, 101):
+    if depth not in RESNET_DEPTHS:
       raise ValueError(f"Config argument depth={depth}; allowed: 50, 101.")
+    if config.model.backbone == "vgg16_bn":
+      raise ValueError(f"Config argument depth={depth} has no meaning with the VGG backbone.")
     config.model.depth = depth
   return config
 
@@ -174,13 +182,71 @@ def apply_common_args(config: ml_collections.ConfigDict, args: Mapping[str, Any]
 def set_backbone(config: ml_collections.ConfigDict, family: str,
                  depth: int = 50) -> ml_collections.ConfigDict:
   """Sets ``model.backbone`` / ``depth`` / ``backbone_width`` / ``backbone_blocks`` together."""
-  if family not in ("resnet", "resnet_small"):
-    raise ValueError(f"Unknown backbone family {family!r}; allowed: resnet, resnet_small.")
+  backbones.get(family)  # raises for an unknown family
   config.model.backbone = family
   config.model.depth = int(depth)
   small = family == "resnet_small"
   config.model.backbone_width = SMALL_WIDTH if small else 64
   config.model.backbone_blocks = SMALL_BLOCKS if small else ()
+  return config
+
+
+def synthetic_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The procedural-dataset default run (in place): 97² episodes generated on first use, a small
+  ResNet trained from scratch with the head (BN in batch-statistics mode), relative FEM bins,
+  1500 steps of batch 8 with frequent novel-class evaluation; trains on a 2-core CPU in minutes."""
+  config.data.dataset = "synthetic"
+  config.data.data_dir = "~/.cache/fss_jax/synthetic"  # expanded and generated by the trainer
+  config.data.image_size = 97
+  config.data.train_batch_size = 8
+  config.data.eval_batch_size = 8
+  config.data.num_workers = 0
+  config.data.eval_episodes = 200
+  config.data.min_class_pixels = 64
+  config.data.synthetic = ml_collections.ConfigDict(dict(
+      num_train=2000, num_val=500, source_size=128, seed=0))
+  set_backbone(config, "resnet_small")
+  config.model.bins = (1.0, 0.5, 0.25, 0.125)
+  config.model.reduce_dim = 64
+  config.model.bn_mode = "batch_stats"
+  config.train.epochs = 0
+  config.train.total_steps = 1500
+  config.train.lr = 0.05
+  config.train.frozen_keys = ()
+  config.train.log_every = 25
+  config.train.eval_every = 250
+  config.train.eval_at_start = True  # logs the untrained model's score as the baseline
+  config.train.eval_every_epochs = 0
+  config.train.checkpoint_every = 500
+  return config
+
+
+def tiny_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The smallest end-to-end run (in place; tests and smoke runs): 4 steps on a tiny procedural
+  dataset at 65², generated into ``data.data_dir`` (set it to a temporary directory)."""
+  config.data.dataset = "synthetic"
+  config.data.data_dir = ""
+  config.data.image_size = 65
+  config.data.train_batch_size = 2
+  config.data.eval_batch_size = 2
+  config.data.num_workers = 0
+  config.data.eval_episodes = 4
+  config.data.min_class_pixels = 16
+  config.data.synthetic = ml_collections.ConfigDict(dict(
+      num_train=24, num_val=12, source_size=80, seed=0))
+  set_backbone(config, "resnet_small")
+  config.model.bins = (1.0, 0.5)
+  config.model.reduce_dim = 16
+  config.model.bn_mode = "batch_stats"
+  config.train.epochs = 0
+  config.train.total_steps = 4
+  config.train.lr = 0.01
+  config.train.frozen_keys = ()
+  config.train.log_every = 1
+  config.train.eval_every = 2
+  config.train.eval_every_epochs = 0
+  config.train.checkpoint_every = 2
+  config.train.keep_checkpoints = 2
   return config
 
 
@@ -196,23 +262,25 @@ def validate_config(config: ml_collections.ConfigDict, num_folds: int = 4) -> No
     bad("data.fold", d.fold, f"must be in [0, {num_folds})")
   if d.shot < 1:
     bad("data.shot", d.shot, "must be >= 1")
+  if d.eval_shot < 0:
+    bad("data.eval_shot", d.eval_shot, "must be >= 1, or 0 for data.shot")
   for f in ("train_batch_size", "eval_batch_size", "eval_episodes"):
     if d[f] < 1:
       bad(f"data.{f}", d[f], "must be >= 1")
   if not d.eval_seeds:
     bad("data.eval_seeds", d.eval_seeds, "needs at least one seed")
-  if m.depth not in (50, 101):
+  registry.get(m.name)  # raises for an unknown model
+  backbones.get(m.backbone)  # raises for an unknown backbone
+  if m.backbone in ("resnet", "resnet_small") and m.depth not in RESNET_DEPTHS:
     bad("model.depth", m.depth, "must be 50 or 101")
   if m.bn_mode not in ("frozen", "batch_stats"):
     bad("model.bn_mode", m.bn_mode, "must be 'frozen' or 'batch_stats'")
-  if m.backbone not in ("resnet", "resnet_small"):
-    bad("model.backbone", m.backbone, "must be 'resnet' or 'resnet_small'")
   if m.backbone_width < 1 or m.backbone_width % 4:
     bad("model.backbone_width", m.backbone_width, "must be a positive multiple of 4")
   if len(m.backbone_blocks) not in (0, 4) or any(int(b) < 1 for b in m.backbone_blocks):
     bad("model.backbone_blocks", m.backbone_blocks, "must be () or four counts >= 1")
-  if m.backbone_dtype not in ("float32", "bfloat16"):
-    bad("model.backbone_dtype", m.backbone_dtype, "must be 'float32' or 'bfloat16'")
+  if m.backbone_dtype not in backbones.DTYPES:
+    bad("model.backbone_dtype", m.backbone_dtype, f"must be one of {sorted(backbones.DTYPES)}")
   if t.select_on not in ("novel", "base_heldout"):
     bad("train.select_on", t.select_on, "must be 'novel' or 'base_heldout'")
   if t.total_steps <= 0 and t.epochs <= 0:
@@ -233,3 +301,15 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   if not hasattr(module, "get_config"):
     raise AttributeError(f"Config file {path!r} defines no get_config().")
   return module.get_config(arg) if arg else module.get_config()
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a ``train.py`` run saved in ``workdir/config.json``."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir} has no config.json (is it a train.py run directory?)")
+  with open(path, encoding="utf-8") as f:
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+      raise ValueError(f"{path}: not a valid JSON config: {e}") from e

@@ -1,28 +1,41 @@
-"""ImageNet deep-stem ResNet weights (.pth/.safetensors) → our msgpack variables.
+"""ImageNet backbone weights (.pth/.safetensors) → our msgpack variables.
 
-  python scripts/convert_backbone.py --input initmodel/resnet50_v2.pth --depth 50 \
-      --output backbone.msgpack
+  python scripts/convert_backbone.py --backbone resnet50 --input initmodel/resnet50_v2.pth \
+      --output r50.msgpack
+  python scripts/convert_backbone.py --backbone vgg16_bn --input vgg16_bn-6c64b313.pth \
+      --output vgg16_bn.msgpack
+
+ResNets: the deep-stem ``resnet{50,101}_v2.pth`` of PSPNet/PFENet/ASGNet (``conv1.weight``, ...,
+``fc.*`` ignored); VGG16-bn: torchvision's file (``features.N.*``, ``classifier.*`` ignored).
+``model.backbone_weights`` also takes these files directly.
 """
 import argparse
 
 import jax
 
+from fss_jax import configs_lib
+from fss_jax import weights
 from fss_jax.convert import io
-from fss_jax.convert import torch_import
+
+CHOICES = ("resnet50", "resnet101", "vgg16_bn")
+
+
+def backbone_config(name: str):
+  """A config whose ``model`` fields describe the backbone ``name`` (a ``CHOICES`` value)."""
+  config = configs_lib.base_config()
+  return configs_lib.set_backbone(config, *configs_lib.BACKBONES[name])
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--backbone", required=True, choices=CHOICES)
   parser.add_argument("--input", required=True, help=".pth/.pt/.safetensors ImageNet weights")
-  parser.add_argument("--depth", type=int, default=50, choices=(50, 101))
   parser.add_argument("--output", required=True, help="output .msgpack")
   args = parser.parse_args(argv)
-  state_dict = torch_import.load_state_dict(args.input)
-  variables = torch_import.backbone_variables_from_torch(state_dict, args.depth,
-                                                         source=args.input)
+  variables = weights.read_backbone(args.input, backbone_config(args.backbone))
   io.save_variables(args.output, variables)
   n = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
-  print(f"wrote {args.output}: ResNet-{args.depth}, {n:,} parameters")
+  print(f"wrote {args.output}: {args.backbone}, {n:,} parameters")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ r"""Evaluates a model with the few-shot protocol: a training run's checkpoint or
 Prints the per-class table and mIoU / FB-IoU (mean ± std over seeds); ``--output`` writes them
 as JSON; ``--predictions`` writes a PNG of a few episodes (supports, truth, prediction).
 """
-import json
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -41,20 +39,20 @@ def main(argv):
   from fss_jax import configs_lib  # pylint: disable=g-import-not-at-top
   from fss_jax.data import dataset_dir  # pylint: disable=g-import-not-at-top
   from fss_jax.data import visualize  # pylint: disable=g-import-not-at-top
-  from fss_jax.models import builder  # pylint: disable=g-import-not-at-top
+  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
   from fss_jax.train import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   configs_lib.validate_config(config)
   mesh = sharding.make_mesh()
-  model = builder.build_model(config)
+  model = registry.build_model(config)
   variables, source = evaluator_lib.load_variables(
       model, config, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value, step=_STEP.value)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   data = dataset_dir.prepare(config)
   ev = evaluator_lib.from_config(config, model, mesh, data, _CLASSES.value)
   say = print if jax.process_index() == 0 else (lambda *_: None)
-  say(f"evaluating {source} on {data} fold {config.data.fold} {config.data.shot}-shot, "
+  say(f"evaluating {source} on {data} fold {config.data.fold} {ev.shot}-shot, "
       f"{_CLASSES.value} classes, {config.data.eval_episodes} episodes x seeds "
       f"{list(config.data.eval_seeds)}" + (" (original labels)"
                                            if config.data.original_label_eval else ""))
@@ -63,13 +61,8 @@ def main(argv):
     say(f"\nseed {r.seed}\n{r.table()}")
   say(f"\n{evaluator_lib.format_seeds(out)}")
   if _OUTPUT.value and jax.process_index() == 0:
-    result = {"source": source, "classes": _CLASSES.value, "miou": out["miou"],
-              "fbiou": out["fbiou"],
-              "per_seed": [{"seed": r.seed, "miou": r.miou, "fbiou": r.fbiou,
-                            "per_class": {str(c): v for c, v in r.meter.per_class(r.classes)
-                                          .items()}} for r in out["runs"]]}
-    with open(_OUTPUT.value, "w") as f:
-      json.dump(result, f, indent=2)
+    evaluator_lib.write_json(_OUTPUT.value, evaluator_lib.results_json(
+        out, source=source, classes=_CLASSES.value))
     say(f"wrote {_OUTPUT.value}")
   if _PREDICTIONS.value:
     rows = ev.prediction_rows(variables, config.data.eval_seeds[0], _NUM_PREDICTIONS.value)

@@ -1,19 +1,25 @@
 """Our checkpoint or msgpack variables → PyTorch state_dict (.pth/.pt or .safetensors).
 
   python scripts/export_torch.py --input workdirs/synthetic --step best --output model.pth
-  python scripts/export_torch.py --input model.msgpack --output model.safetensors
+  python scripts/export_torch.py --input model.msgpack --config=configs/pascal_pfenet.py \
+      --output model.safetensors
+  python scripts/export_torch.py --input r50.msgpack --backbone resnet50 --output r50.pth
 
-``--input`` is a ``train.py`` run directory (its Orbax checkpoints; ``--step`` picks 'best',
-'latest' or a number) or a ``.msgpack`` variables file. The keys are the reference's, so the
-file loads with ``load_state_dict(strict=True)`` into its model.
-A whole model (backbone under ``backbone``) gets the ASGNet checkpoint naming; a bare ResNet
-(``layer0`` at the top) gets the ImageNet file naming (``conv1.weight``, ..., no ``fc``).
+``--input`` is a ``train.py`` run directory (its Orbax checkpoints and saved config; ``--step``
+picks 'best', 'latest' or a number) or a ``.msgpack`` variables file: a whole model (give its
+``--config``) or a bare backbone (give ``--backbone``). A model gets its reference checkpoint's
+keys in the reference's order, so the file loads with ``load_state_dict(strict=True)`` into the
+official model; a backbone gets its ImageNet file naming (no classifier).
 """
 import argparse
 import os
 
+from fss_jax import configs_lib
+from fss_jax import weights
 from fss_jax.convert import io
 from fss_jax.convert import torch_export
+
+BACKBONES = ("resnet50", "resnet101", "vgg16_bn")
 
 
 def main(argv=None):
@@ -22,6 +28,8 @@ def main(argv=None):
                       help="train.py run directory, or .msgpack variables")
   parser.add_argument("--step", default="best",
                       help="with a run directory: 'best', 'latest' or a step number")
+  parser.add_argument("--config", help="with a whole-model .msgpack: configs/<file>.py[:arg]")
+  parser.add_argument("--backbone", choices=BACKBONES, help="with a bare-backbone .msgpack")
   parser.add_argument("--output", required=True, help="output .pth/.pt/.safetensors")
   parser.add_argument("--reference_wrapping", action="store_true",
                       help="(.pth) save {'state_dict': {'module.' + key: ...}} as the "
@@ -30,17 +38,22 @@ def main(argv=None):
   if os.path.isdir(args.input):
     from fss_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
     variables, step = checkpoint.load_model_variables(args.input, args.step)
+    config = configs_lib.load_run_config(args.input)
     print(f"read {args.input} step {step}")
   else:
     variables = io.load_variables(args.input)
-  params = variables.get("params", {})
-  if "backbone" in params:
-    state_dict = torch_export.model_state_dict_from_variables(variables)
-  elif "layer0" in params:
-    state_dict = torch_export.backbone_state_dict_from_variables(variables)
+    config = configs_lib.load_config(args.config) if args.config else None
+  if "backbone" in variables.get("params", {}):
+    if config is None:
+      parser.error(f"{args.input} holds a whole model: give its --config "
+                   "(e.g. --config=configs/pascal_pfenet.py:backbone=vgg16_bn).")
+    state_dict = weights.model_state_dict(variables, config)
   else:
-    raise ValueError(f"{args.input}: neither a whole model (params/backbone) nor a ResNet "
-                     f"(params/layer0); top-level params: {sorted(params)[:10]}")
+    if not args.backbone:
+      parser.error(f"{args.input} holds no 'backbone' entry: a bare backbone? Give --backbone "
+                   f"({', '.join(BACKBONES)}).")
+    state_dict = weights.backbone_state_dict(
+        variables, configs_lib.BACKBONES[args.backbone][0])
   torch_export.save_state_dict(state_dict, args.output,
                                reference_wrapping=args.reference_wrapping)
   print(f"wrote {args.output}: {len(state_dict)} tensors")

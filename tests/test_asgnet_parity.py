@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from fss_jax import configs_lib
+from fss_jax import weights
 from fss_jax.convert import torch_import
 from fss_jax.models import asgnet
-from fss_jax.train import losses
+from fss_jax.models import losses
 from tests import torch_asgnet_ref as ref
 from tests import torch_resnet_ref
 
 torch.set_num_threads(2)
+NAMING = weights.model_naming(configs_lib.base_config("asgnet"))
 
 
 def _rel(a, b):
@@ -56,13 +59,13 @@ def _setup(size, shot, batch, seed=0):
   seeds = np.stack([[ref.place_seed_points((s_y[i, j] == 1).astype(np.float32))
                      for j in range(shot)] for i in range(batch)])
 
-  net = asgnet.ASGNet(depth=50)
+  net = asgnet.ASGNet()
   template = jax.eval_shape(
       lambda: net.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                        jnp.zeros((1, shot, size, size, 3)), jnp.zeros((1, shot, size, size),
                                                                       jnp.int32), train=False))
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  variables = torch_import.model_variables_from_torch(sd, template)
+  variables = torch_import.variables_from_torch(sd, template, NAMING)
   jx = dict(query=jnp.asarray(x.transpose(0, 2, 3, 1)),
             supp_images=jnp.asarray(s_x.transpose(0, 1, 3, 4, 2)),
             supp_labels=jnp.asarray(s_y, jnp.int32))
@@ -116,7 +119,7 @@ def _check_grads(size, shot, batch):
 
   def loss_fn(params):
     o = net.apply({**variables, "params": params}, **jx, train=True, deterministic=True)
-    return losses.asgnet_loss(o["logits"], o["aux_logits"], jnp.asarray(y, jnp.int32))[0]
+    return losses.main_aux_loss(o["logits"], o["aux_logits"], jnp.asarray(y, jnp.int32))[0]
 
   our_loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
   assert _rel(our_loss, loss.item()) <= 1e-4
@@ -149,7 +152,7 @@ def _torch_head_name(flax_name):
 
 
 def test_head_param_count():
-  net = asgnet.ASGNet(depth=50)
+  net = asgnet.ASGNet()
   shapes = jax.eval_shape(lambda: net.init(
       jax.random.key(0), jnp.zeros((1, 65, 65, 3)), jnp.zeros((1, 1, 65, 65, 3)),
       jnp.zeros((1, 1, 65, 65), jnp.int32), train=False))

@@ -1,50 +1,67 @@
-"""Config → model pieces (builder) and episode pictures (data.visualize)."""
+"""Config → model (registry), backbone weights (weights.load_backbone), episode pictures."""
 import jax
 import numpy as np
 import pytest
 
 from fss_jax import configs_lib
+from fss_jax import weights
 from fss_jax.convert import io
 from fss_jax.data import transforms
 from fss_jax.data import visualize
-from fss_jax.models import builder
+from fss_jax.models import registry
 
 
 def _tiny():
   config = configs_lib.load_config("configs/tiny_asgnet.py")
-  model = builder.build_model(config)
+  model = registry.build_model(config)
   return config, model
 
 
 def test_build_model_follows_the_config():
   config, model = _tiny()
-  assert model.backbone_width == configs_lib.SMALL_WIDTH
-  assert tuple(model.backbone_blocks) == configs_lib.SMALL_BLOCKS
+  assert model.backbone.width == configs_lib.SMALL_WIDTH
+  assert tuple(model.backbone.blocks) == configs_lib.SMALL_BLOCKS
   assert model.train_backbone  # tiny config freezes nothing
   assert model.bn_batch_stats and model.reduce_dim == config.model.reduce_dim
+  assert model.train_iters == config.model.train_iters == 2
   config.train.frozen_keys = ("backbone",)
-  assert not builder.build_model(config).train_backbone
-  config.model.name = "panet"
-  with pytest.raises(ValueError, match="model.name"):
-    builder.build_model(config)
+  config.train.aux_weight = 0.4
+  model = registry.build_model(config)
+  assert not model.train_backbone and model.aux_weight == 0.4
+  config.model.name = "nope"
+  with pytest.raises(ValueError, match=r"model.name = 'nope': must be one of \['asgnet'"):
+    registry.build_model(config)
+
+
+@pytest.mark.parametrize("backbone", ["resnet101", "vgg16_bn"])
+def test_registry_builds_every_model_with_its_backbone(backbone):
+  config = configs_lib.load_config(f"configs/pascal_pfenet.py:backbone={backbone}")
+  model = registry.build_model(config)
+  assert type(model).__name__ == "PFENet" and model.bins == (60, 30, 15, 8)
+  assert type(model.backbone).__name__ == ("VGG16BN" if backbone == "vgg16_bn" else "ResNet")
+  assert set(registry.MODELS) >= {"asgnet", "pfenet"}
+  for name, module in registry.MODELS.items():  # every model keeps the contract
+    m = module.from_config(configs_lib.base_config(name))
+    assert m.inputs == ("query", "supp_images", "supp_labels") and "query_label" in m.targets
+    assert callable(m.loss) and m.torch_order
 
 
 def test_template_matches_initial_variables():
   config, model = _tiny()
-  variables = builder.init_variables(model, 33, 1, jax.random.key(0))
-  template = builder.variables_template(model)
+  variables = registry.init_variables(model, 33, 1, jax.random.key(0))
+  template = registry.variables_template(model)
   assert (jax.tree.map(lambda x: (x.shape, x.dtype), template)
           == jax.tree.map(lambda x: (x.shape, x.dtype), variables))
 
 
 def test_load_backbone_replaces_only_the_backbone(tmp_path):
   config, model = _tiny()
-  a = builder.init_variables(model, 33, 1, jax.random.key(0))
+  a = registry.init_variables(model, 33, 1, jax.random.key(0))
   b = jax.tree.map(lambda x: np.asarray(x) + 1, a)  # other values, same structure
   path = str(tmp_path / "backbone.msgpack")
   io.save_variables(path, {"params": a["params"]["backbone"],
                            "batch_stats": a["batch_stats"]["backbone"]})
-  out = builder.load_backbone(b, path, depth=50)
+  out = weights.load_backbone(b, config, path)
   for coll in ("params", "batch_stats"):
     for x, y in zip(jax.tree.leaves(out[coll]["backbone"]), jax.tree.leaves(a[coll]["backbone"])):
       np.testing.assert_array_equal(x, y)
@@ -53,9 +70,9 @@ def test_load_backbone_replaces_only_the_backbone(tmp_path):
     np.testing.assert_array_equal(x, y)  # the head is untouched
   config.model.backbone_width = 32
   wider = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype),
-                       builder.variables_template(builder.build_model(config)))
+                       registry.variables_template(registry.build_model(config)))
   with pytest.raises(ValueError, match="do not match"):
-    builder.load_backbone(wider, path, depth=50)
+    weights.load_backbone(wider, config, path)
 
 
 def test_episode_row_layout_and_colours(tmp_path):

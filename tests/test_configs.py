@@ -10,7 +10,10 @@ import pytest
 from fss_jax import configs_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ["pascal_asgnet", "coco_asgnet", "synthetic_asgnet", "tiny_asgnet"]
+CONFIGS = ["pascal_asgnet", "coco_asgnet", "synthetic_asgnet", "tiny_asgnet",
+           "pascal_pfenet", "coco_pfenet", "synthetic_pfenet", "tiny_pfenet"]
+# PFENet's reference protocol: `shot` is the evaluation's, training stays 1-shot (train_shot).
+EVAL_SHOT_ONLY = ("pascal_pfenet", "coco_pfenet")
 
 
 def _load(name, arg=None):
@@ -31,13 +34,18 @@ def _flat_keys(config, prefix=""):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_each_config_loads_with_and_without_args(name):
   default = _load(name)
-  assert default.model.name == "asgnet"
+  assert default.model.name == name.split("_")[1]
   assert (default.data.image_size - 1) % 8 == 0
   assert default.data.fold == 0 and default.data.shot == 1
-  args = _load(name, "fold=3,shot=5,depth=101")
-  assert (args.data.fold, args.data.shot, args.model.depth) == (3, 5, 101)
-  # Every file keeps the base layout; the synthetic ones only add the generator settings.
-  base = _flat_keys(configs_lib.asgnet_base_config())
+  args = _load(name, "fold=3,shot=5,backbone=resnet101")
+  assert (args.data.fold, args.model.backbone, args.model.depth) == (3, "resnet", 101)
+  if name in EVAL_SHOT_ONLY:
+    assert (args.data.shot, args.data.eval_shot) == (1, 5)
+    assert _load(name, "shot=5,train_shot=5").data.shot == 5
+  else:
+    assert args.data.shot == 5 and args.data.eval_shot in (0, 5)
+  # Every file keeps its model's base layout; the synthetic ones only add generator settings.
+  base = _flat_keys(configs_lib.base_config(default.model.name))
   extra = _flat_keys(default) - base
   assert base <= _flat_keys(default)
   assert extra <= {"data.synthetic.num_train", "data.synthetic.num_val",
@@ -65,6 +73,25 @@ def test_reference_values():
   tiny = _load("tiny_asgnet")
   assert tiny.data.image_size == 65 and tiny.data.train_batch_size == 2
   assert tiny.train.total_steps <= 10
+
+
+def test_pfenet_reference_values():
+  """reference_pfenet.md §5 and §7 (yaml files and test.py of the official code)."""
+  pascal = _load("pascal_pfenet")
+  assert pascal.model.name == "pfenet" and pascal.model.backbone == "resnet"
+  assert pascal.data.image_size == 473 and pascal.data.train_batch_size == 4
+  assert pascal.train.lr == pytest.approx(0.0025 * 10) and pascal.train.epochs == 200
+  assert pascal.data.eval_episodes == 5000 and pascal.model.bins == (60, 30, 15, 8)
+  assert pascal.data.seed == 321 and pascal.train.frozen_keys == ("backbone",)
+  vgg = _load("pascal_pfenet", "backbone=vgg16_bn,shot=5")
+  assert vgg.model.backbone == "vgg16_bn" and (vgg.data.shot, vgg.data.eval_shot) == (1, 5)
+  with pytest.raises(ValueError, match="no meaning"):
+    _load("pascal_pfenet", "backbone=vgg16_bn,depth=101")
+  coco = _load("coco_pfenet")
+  assert coco.model.backbone == "vgg16_bn" and coco.data.image_size == 641
+  assert coco.train.lr == pytest.approx(0.02 * 10) and coco.data.train_batch_size == 32
+  assert coco.model.bins == (1.0, 0.5, 0.25, 0.125) and coco.data.eval_episodes == 20000
+  assert coco.train.epochs == 50 and coco.data.scale == (0.8, 1.25)
 
 
 def test_backbone_arg():

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from fss_jax import configs_lib
+from fss_jax import weights
 from fss_jax.convert import io
 from fss_jax.convert import keymap
 from fss_jax.convert import torch_export
@@ -59,9 +61,25 @@ def _head_template(num_bins=4):
   return head
 
 
+def _r50_config(name="asgnet", depth=50):
+  return configs_lib.set_backbone(configs_lib.base_config(name), "resnet", depth)
+
+
+ASGNET_NAMING = weights.model_naming(_r50_config())
+IMAGENET_NAMING = weights.backbone_naming("resnet", "imagenet")
+
+
+def _import_backbone(sd, depth=50, source="state_dict"):
+  return weights.backbone_from_state_dict(sd, _r50_config(depth=depth), source=source)
+
+
+def _import_asgnet(sd, template, source="state_dict"):
+  return torch_import.variables_from_torch(sd, template, ASGNET_NAMING, source=source)
+
+
 @pytest.fixture(scope="module")
 def asgnet_template():
-  backbone = torch_import.resnet_template(50)
+  backbone = weights.backbone_template(_r50_config())
   return {"params": {"backbone": backbone["params"], **_head_template()},
           "batch_stats": {"backbone": backbone["batch_stats"]}}
 
@@ -93,34 +111,23 @@ def _without_fc(sd):
 # ---- key maps ----
 
 def test_keymap_documented_examples():
-  assert keymap.flax_to_torch_key(
-      "batch_stats", ("backbone", "layer1_0", "downsample_1", "mean"), "asgnet",
-      "backbone") == "layer1.0.downsample.1.running_mean"
-  assert keymap.flax_to_torch_key("params", ("backbone", "layer0", "bn2", "scale"), "asgnet",
-                                  "backbone") == "layer0.4.weight"
-  assert keymap.flax_to_torch_key("params", ("layer0", "bn2", "scale"), "imagenet") == (
-      "bn2.weight")
-  assert keymap.flax_to_torch_key("params", ("beta_conv_3_2", "kernel"), "asgnet",
-                                  "backbone") == "beta_conv.3.2.weight"
-  assert keymap.flax_to_torch_key("params", ("inner_cls_0_3", "bias")) == "inner_cls.0.3.bias"
-  assert keymap.torch_to_flax_path("layer0.4.weight", "asgnet", "backbone") == (
-      "params", ("backbone", "layer0", "bn2", "scale"))
-  assert keymap.torch_to_flax_path("layer4.2.conv2.weight", "imagenet") == (
-      "params", ("layer4_2", "conv2", "kernel"))
-  assert keymap.torch_to_flax_path("res2.2.weight", "asgnet", "backbone") == (
-      "params", ("res2_2", "kernel"))
-
-
-def test_torch_to_flax_path_inverts_flax_to_torch(asgnet_sd, imagenet_sd):
-  for sd, naming, scope in ((asgnet_sd, "asgnet", "backbone"),
-                            (_without_fc(imagenet_sd), "imagenet", None)):
-    for key in sd:
-      collection, path = keymap.torch_to_flax_path(key, naming, scope)
-      assert keymap.flax_to_torch_key(collection, path, naming, scope) == key
+  key = ASGNET_NAMING.key
+  assert key("batch_stats", ("backbone", "layer1_0", "downsample_1", "mean")) == (
+      "layer1.0.downsample.1.running_mean")
+  assert key("params", ("backbone", "layer0", "bn2", "scale")) == "layer0.4.weight"
+  assert IMAGENET_NAMING.key("params", ("layer0", "bn2", "scale")) == "bn2.weight"
+  assert key("params", ("beta_conv_3_2", "kernel")) == "beta_conv.3.2.weight"
+  assert keymap.Naming().key("params", ("inner_cls_0_3", "bias")) == "inner_cls.0.3.bias"
+  assert key("batch_stats", ("backbone", "layer4_2", "bn3", "num_batches_tracked")) == (
+      "layer4.2.bn3.num_batches_tracked")
+  with pytest.raises(ValueError, match="no torch counterpart"):
+    key("params", ("cls_3", "embedding"))
+  with pytest.raises(ValueError, match="stem"):
+    key("params", ("backbone", "layer0", "conv9", "kernel"))
 
 
 def test_template_keys_shapes_and_order_match_reference(asgnet_template, asgnet_sd):
-  mapping = keymap.torch_key_map(asgnet_template, "asgnet", "backbone")
+  mapping = keymap.torch_key_map(asgnet_template, ASGNET_NAMING)
   got = [(k, keymap.torch_shape(p[-1], tuple(l.shape))) for k, (_, p, l) in mapping.items()]
   assert got == [(k, v.shape) for k, v in asgnet_sd.items()]
   head = sum(int(np.prod(l.shape)) for name, sub in asgnet_template["params"].items()
@@ -143,7 +150,7 @@ def test_layout_transposes():
 def test_imagenet_import_export_round_trip(tmp_path, imagenet_sd, imagenet_pth):
   sd = torch_import.load_state_dict(imagenet_pth)
   _assert_same_state_dict(sd, _numpy(imagenet_sd))
-  variables = torch_import.backbone_variables_from_torch(sd, 50)
+  variables = _import_backbone(sd)
   np.testing.assert_array_equal(variables["params"]["layer0"]["bn2"]["scale"], sd["bn2.weight"])
   w = sd["layer2.0.conv2.weight"]  # OIHW (128,128,3,3)
   k = variables["params"]["layer2_0"]["conv2"]["kernel"]
@@ -152,7 +159,7 @@ def test_imagenet_import_export_round_trip(tmp_path, imagenet_sd, imagenet_pth):
       sd["layer3.0.downsample.1.num_batches_tracked"])
 
   want = _without_fc(_numpy(imagenet_sd))
-  out = torch_export.backbone_state_dict_from_variables(variables)
+  out = weights.backbone_state_dict(variables, "resnet")
   assert isinstance(out, collections.OrderedDict)
   _assert_same_state_dict(out, want)
   assert out["bn1.num_batches_tracked"].dtype == np.int64 and out["bn1.num_batches_tracked"].ndim == 0
@@ -173,12 +180,12 @@ def test_backbone_import_ignores_only_fc(imagenet_sd):
   sd["foo.bar"] = np.zeros(3, np.float32)
   del sd["layer4.2.bn3.running_var"]
   with pytest.raises(torch_import.CheckpointMismatchError) as e:
-    torch_import.backbone_variables_from_torch(sd, 50, source="r50.pth")
+    _import_backbone(sd, source="r50.pth")
   msg = str(e.value)
   assert "r50.pth" in msg and "foo.bar (3,)" in msg and "layer4.2.bn3.running_var (2048,)" in msg
   assert "fc." not in msg
   with pytest.raises(torch_import.CheckpointMismatchError, match="missing"):
-    torch_import.backbone_variables_from_torch(_numpy(imagenet_sd), 101)
+    _import_backbone(_numpy(imagenet_sd), depth=101)
 
 
 # ---- whole-model (ASGNet naming) checkpoints ----
@@ -194,7 +201,7 @@ def test_asgnet_checkpoint_round_trip_with_reference_wrapping(tmp_path, asgnet_s
   sd = torch_import.load_state_dict(path)
   _assert_same_state_dict(sd, asgnet_sd)
 
-  variables = torch_import.model_variables_from_torch(sd, asgnet_template)
+  variables = _import_asgnet(sd, asgnet_template)
   assert (jax.tree_util.tree_structure(variables)
           == jax.tree_util.tree_structure(flax.core.unfreeze(asgnet_template)))
   for got, want in zip(jax.tree_util.tree_leaves(variables),
@@ -210,7 +217,7 @@ def test_asgnet_checkpoint_round_trip_with_reference_wrapping(tmp_path, asgnet_s
   np.testing.assert_array_equal(variables["params"]["corr_conv_3_0"]["kernel"][0, 0],
                                 sd["corr_conv.3.0.weight"][:, :, 0, 0].T)
 
-  out = torch_export.model_state_dict_from_variables(variables)
+  out = weights.model_state_dict(variables, _r50_config())
   _assert_same_state_dict(out, asgnet_sd)
   for name in ("m.pth", "m.safetensors"):
     p = str(tmp_path / name)
@@ -230,7 +237,7 @@ def test_mismatch_error_lists_every_offending_key(asgnet_sd, asgnet_template):
   sd["fc.weight"] = np.zeros((1000, 2048), np.float32)
   sd["corr_conv.1.0.weight"] = np.zeros((256, 512, 1, 1), np.float32)
   with pytest.raises(torch_import.CheckpointMismatchError) as e:
-    torch_import.model_variables_from_torch(sd, asgnet_template, source="bad.pth")
+    _import_asgnet(sd, asgnet_template, source="bad.pth")
   err = e.value
   assert isinstance(err, ValueError)
   assert err.missing == {"layer3.2.bn1.running_var": (256,), "cls.3.bias": (2,)}
@@ -245,11 +252,11 @@ def test_mismatch_error_lists_every_offending_key(asgnet_sd, asgnet_template):
 
 def test_mismatch_on_three_fem_bins(asgnet_sd):
   """The bin count comes from the variables: a 3-bin template rejects the 4-bin checkpoint."""
-  backbone = torch_import.resnet_template(50)
+  backbone = weights.backbone_template(_r50_config())
   template = {"params": {"backbone": backbone["params"], **_head_template(3)},
               "batch_stats": {"backbone": backbone["batch_stats"]}}
   with pytest.raises(torch_import.CheckpointMismatchError) as e:
-    torch_import.model_variables_from_torch(asgnet_sd, template)
+    _import_asgnet(asgnet_sd, template)
   assert not e.value.missing and not e.value.mismatched
   assert set(e.value.unexpected) == {"corr_conv.3.0.weight", "beta_conv.3.0.weight",
                                      "beta_conv.3.2.weight", "inner_cls.3.0.weight",
@@ -348,31 +355,89 @@ def _script(name):
 
 def test_convert_backbone_and_export_scripts(tmp_path, imagenet_sd, imagenet_pth):
   out = str(tmp_path / "backbone.msgpack")
-  _script("convert_backbone.py")(["--input", imagenet_pth, "--depth", "50", "--output", out])
+  _script("convert_backbone.py")(["--input", imagenet_pth, "--backbone", "resnet50",
+                                  "--output", out])
   st = str(tmp_path / "backbone.safetensors")
-  _script("export_torch.py")(["--input", out, "--output", st])
+  _script("export_torch.py")(["--input", out, "--backbone", "resnet50", "--output", st])
   _assert_same_state_dict(torch_import.load_state_dict(st), _without_fc(_numpy(imagenet_sd)))
+  with pytest.raises(SystemExit):  # a bare backbone without --backbone: a usage error
+    _script("export_torch.py")(["--input", out, "--output", st])
 
 
 def test_export_script_whole_model(tmp_path, asgnet_sd, asgnet_template):
   msg = str(tmp_path / "model.msgpack")
-  io.save_variables(msg, torch_import.model_variables_from_torch(asgnet_sd, asgnet_template))
+  io.save_variables(msg, _import_asgnet(asgnet_sd, asgnet_template))
   pth = str(tmp_path / "model.pth")
-  _script("export_torch.py")(["--input", msg, "--output", pth])
+  _script("export_torch.py")(["--input", msg, "--config", "configs/pascal_asgnet.py",
+                              "--output", pth])
   _assert_same_state_dict(_numpy(torch.load(pth, weights_only=True)), asgnet_sd)
+  with pytest.raises(SystemExit):  # a whole model without --config: a usage error
+    _script("export_torch.py")(["--input", msg, "--output", pth])
 
 
-def test_real_asgnet_variables_match_reference_checkpoint(tmp_path, asgnet_sd):
-  """Key-level check of the ASGNet model against the reference checkpoint layout."""
-  pytest.importorskip("fss_jax.models.asgnet")
-  template = runpy.run_path(os.path.join(_SCRIPTS, "import_checkpoint.py"),
-                            run_name="script")["asgnet_template"](50)
-  mapping = keymap.torch_key_map(template, "asgnet", "backbone")
-  got = [(k, keymap.torch_shape(p[-1], tuple(l.shape))) for k, (_, p, l) in mapping.items()]
-  assert got == [(k, v.shape) for k, v in asgnet_sd.items()]
+def test_import_script_with_the_real_asgnet(tmp_path, asgnet_sd):
+  """The ASGNet module's variables have the reference checkpoint's keys, shapes and order."""
   src = str(tmp_path / "asgnet.safetensors")
   torch_export.save_state_dict(asgnet_sd, src)
   out = str(tmp_path / "model.msgpack")
-  _script("import_checkpoint.py")(["--input", src, "--depth", "50", "--output", out])
-  _assert_same_state_dict(torch_export.model_state_dict_from_variables(io.load_variables(out)),
+  _script("import_checkpoint.py")(["--config", "configs/pascal_asgnet.py", "--input", src,
+                                   "--output", out])
+  _assert_same_state_dict(weights.model_state_dict(io.load_variables(out), _r50_config()),
                           asgnet_sd)
+
+
+# ---- PFENet checkpoints (ResNet and VGG layouts) ----
+
+@pytest.mark.parametrize("backbone,layers", [("resnet", 50), ("vgg16_bn", "vgg")])
+def test_pfenet_checkpoint_import_export_strict(tmp_path, backbone, layers):
+  """The authors' training checkpoint ({'epoch', 'state_dict': {'module.' + key}, 'optimizer'})
+  in, the same state_dict out (keys, order, values), and the export loads strictly into the
+  transcription of the official PFENet (same keys as the official, checked against it)."""
+  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from tests import torch_pfenet_ref  # pylint: disable=g-import-not-at-top
+  with torch.device("meta"):
+    shapes = torch_pfenet_ref.RefPFENet(layers=layers).state_dict()
+  g = torch.Generator().manual_seed(5)
+  sd = collections.OrderedDict(
+      (k, torch.randint(0, 9, v.shape, generator=g) if k.endswith("num_batches_tracked")
+       else torch.randn(v.shape, generator=g)) for k, v in shapes.items())
+  path = str(tmp_path / "train_epoch_200.pth")
+  torch.save({"epoch": 200, "state_dict": collections.OrderedDict(
+      ("module." + k, v) for k, v in sd.items()), "optimizer": {}}, path)
+  config = configs_lib.set_backbone(configs_lib.base_config("pfenet"), backbone)
+  model = registry.build_model(config)
+  variables = weights.read_model(path, model, config)
+  assert variables["params"]["down_supp_0"]["kernel"].shape[2] == (768 if layers == "vgg"
+                                                                    else 1536)
+  out = weights.model_state_dict(variables, config)
+  _assert_same_state_dict(out, _numpy(sd))
+  ref_model = torch_pfenet_ref.RefPFENet(layers=layers)
+  ref_model.load_state_dict({k: torch.from_numpy(v) for k, v in out.items()}, strict=True)
+  # A ResNet config rejects the VGG file (and the reverse) with every offending key.
+  other = configs_lib.set_backbone(configs_lib.base_config("pfenet"),
+                                   "resnet" if layers == "vgg" else "vgg16_bn")
+  with pytest.raises(torch_import.CheckpointMismatchError) as e:
+    weights.read_model(path, registry.build_model(other), other)
+  assert "train_epoch_200.pth" in str(e.value) and e.value.missing and e.value.unexpected
+  assert "down_query.0.weight" in e.value.mismatched
+
+
+def test_pfenet_import_and_export_scripts(tmp_path):
+  from tests import torch_pfenet_ref  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  sd = _numpy(ref.randomize_(torch_pfenet_ref.RefPFENet(layers="vgg"), seed=2).state_dict())
+  src = str(tmp_path / "pfenet_vgg.safetensors")
+  torch_export.save_state_dict(sd, src)
+  msg = str(tmp_path / "pfenet.msgpack")
+  config = "configs/pascal_pfenet.py:backbone=vgg16_bn"
+  _script("import_checkpoint.py")(["--config", config, "--input", src, "--output", msg])
+  pth = str(tmp_path / "pfenet.pth")
+  _script("export_torch.py")(["--input", msg, "--config", config, "--output", pth,
+                              "--reference_wrapping"])
+  raw = torch.load(pth, weights_only=True)["state_dict"]
+  _assert_same_state_dict(collections.OrderedDict(
+      (k[len("module."):], v.numpy()) for k, v in raw.items()), sd)
+  with pytest.raises(ValueError, match="do not match the configured model"):
+    from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+    asg = configs_lib.load_config("configs/pascal_asgnet.py")
+    weights.read_model(msg, registry.build_model(asg), asg)

@@ -11,7 +11,7 @@ from fss_jax.data import pipeline
 from fss_jax.data import schema
 from fss_jax.data import synthetic
 from fss_jax.data import transforms
-from fss_jax.models import builder
+from fss_jax.models import registry
 from fss_jax.train import evaluator as E
 from fss_jax.train import metrics
 from fss_jax.train import sharding
@@ -30,8 +30,8 @@ def dataset_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_and_variables():
   config = configs_lib.load_config("configs/tiny_asgnet.py")
-  model = builder.build_model(config)
-  variables = builder.init_variables(model, SIZE, 1, jax.random.key(3))
+  model = registry.build_model(config)
+  variables = registry.init_variables(model, SIZE, 1, jax.random.key(3))
   return model, variables
 
 

@@ -1,11 +1,11 @@
-"""fss_jax.train.losses against torch.nn.CrossEntropyLoss(ignore_index=255)."""
+"""fss_jax.models.losses against torch.nn.CrossEntropyLoss(ignore_index=255)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from fss_jax.train import losses
+from fss_jax.models import losses
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -82,10 +82,10 @@ def test_cross_entropy_rejects_shape_mismatch():
     raise AssertionError("shape mismatch accepted")
 
 
-def test_asgnet_loss_matches_torch_composition():
+def test_main_aux_loss_matches_torch_composition():
   logits, labels = _case(seed=1)
   aux = [_case(seed=s)[0] for s in (2, 3, 4, 5)]
-  total, main, aux_loss = jax.jit(losses.asgnet_loss, static_argnames="aux_weight")(
+  total, main, aux_loss = jax.jit(losses.main_aux_loss, static_argnames="aux_weight")(
       jnp.asarray(logits), [jnp.asarray(a) for a in aux], jnp.asarray(labels), aux_weight=0.4)
 
   main_t, _ = _torch_ce(logits, labels)
@@ -95,7 +95,7 @@ def test_asgnet_loss_matches_torch_composition():
   np.testing.assert_allclose(float(total), main_t + 0.4 * aux_t, rtol=RTOL)
 
 
-def test_asgnet_loss_without_aux():
+def test_main_aux_loss_without_aux():
   logits, labels = _case()
-  total, main, aux = losses.asgnet_loss(jnp.asarray(logits), [], jnp.asarray(labels))
+  total, main, aux = losses.main_aux_loss(jnp.asarray(logits), [], jnp.asarray(labels))
   assert float(aux) == 0.0 and float(total) == float(main)

@@ -5,14 +5,15 @@ import numpy as np
 import optax
 
 from fss_jax.models import asgnet
-from fss_jax.train import losses
+from fss_jax.models import losses
+from fss_jax.models import resnet
 from fss_jax.train import step as step_lib
 
 S = 33
 
 
 def _setup():
-  net = asgnet.ASGNet(backbone_width=8, backbone_blocks=(1, 1, 1, 1), bins=(1.0, 0.5),
+  net = asgnet.ASGNet(backbone=resnet.ResNet(width=8, blocks=(1, 1, 1, 1)), bins=(1.0, 0.5),
                       reduce_dim=16)
   rng = np.random.default_rng(0)
   labels = (rng.uniform(size=(2, 1, S, S)) > 0.5).astype(np.int32)
@@ -37,7 +38,7 @@ def test_train_step_is_sgd_on_the_head_only():
     out = net.apply({**variables, "params": {**variables["params"], **head}},
                     batch["query"], batch["supp_images"], batch["supp_labels"], train=True,
                     rngs={"dropout": jax.random.fold_in(jax.random.key(1), 0)})
-    return losses.asgnet_loss(out["logits"], out["aux_logits"], batch["query_label"])[0]
+    return losses.main_aux_loss(out["logits"], out["aux_logits"], batch["query_label"])[0]
 
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state.trainable)
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)

@@ -9,7 +9,8 @@ import pytest
 
 from fss_jax import configs_lib
 from fss_jax.convert import torch_export
-from fss_jax.models import builder
+from fss_jax import weights
+from fss_jax.models import registry
 from fss_jax.train import checkpoint as ckpt_lib
 from fss_jax.train import evaluator
 from fss_jax.train import logging as logging_lib
@@ -90,10 +91,10 @@ def test_missing_dataset_names_the_folder(tmp_path):
 
 def test_evaluate_loads_an_exported_torch_file(tmp_path):
   config = configs_lib.load_config("configs/tiny_asgnet.py")
-  model = builder.build_model(config)
-  variables = builder.init_variables(model, config.data.image_size, 1, jax.random.key(0))
+  model = registry.build_model(config)
+  variables = registry.init_variables(model, config.data.image_size, 1, jax.random.key(0))
   path = str(tmp_path / "model.safetensors")
-  torch_export.save_state_dict(torch_export.model_state_dict_from_variables(variables), path)
+  torch_export.save_state_dict(weights.model_state_dict(variables, config), path)
   loaded, source = evaluator.load_variables(model, config, checkpoint=path)
   assert source == path
   flat = lambda t: {jax.tree_util.keystr(k): np.asarray(v)

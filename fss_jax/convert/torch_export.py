@@ -15,11 +15,12 @@ from fss_jax.convert import keymap
 from fss_jax.convert.torch_import import ORDER_METADATA_KEY, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 
 
-def state_dict_from_variables(variables: Mapping[str, Any], naming: str = "asgnet",
-                              backbone_scope: Optional[str] = "backbone"
+def state_dict_from_variables(variables: Mapping[str, Any],
+                              naming: Optional[keymap.Naming] = None
                               ) -> "collections.OrderedDict[str, np.ndarray]":
-  """{'params', 'batch_stats'} → OrderedDict torch key → numpy array (torch layout)."""
-  mapping = keymap.torch_key_map(variables, naming, backbone_scope)
+  """{'params', 'batch_stats'} → OrderedDict torch key → numpy array (torch layout), keys in
+  the naming's order (the reference's, for the namings of ``fss_jax.weights``)."""
+  mapping = keymap.torch_key_map(variables, naming)
   out = collections.OrderedDict()
   for key, (_, path, leaf) in mapping.items():
     value = np.asarray(jax.device_get(leaf))
@@ -31,20 +32,6 @@ def state_dict_from_variables(variables: Mapping[str, Any], naming: str = "asgne
       value = value.astype(np.float32)
     out[key] = np.array(keymap.to_torch_layout(path[-1], value), order="C", copy=True)
   return out
-
-
-def model_state_dict_from_variables(variables: Mapping[str, Any],
-                                    backbone_scope: str = "backbone"
-                                    ) -> "collections.OrderedDict[str, np.ndarray]":
-  """Whole model (backbone under ``backbone_scope``) → the reference checkpoint's state_dict
-  (``layer0.0.weight``, ..., ``res2.2.weight``), keys in the reference's order."""
-  return state_dict_from_variables(variables, "asgnet", backbone_scope)
-
-
-def backbone_state_dict_from_variables(variables: Mapping[str, Any]
-                                       ) -> "collections.OrderedDict[str, np.ndarray]":
-  """ResNet variables → ImageNet file naming (``conv1.weight``, ..., ``layer4.*``), no ``fc``."""
-  return state_dict_from_variables(variables, "imagenet", None)
 
 
 def reference_checkpoint(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:

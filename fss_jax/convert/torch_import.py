@@ -9,8 +9,6 @@ import os
 from typing import Any, Iterable, Mapping, Optional
 
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fss_jax.convert import keymap
@@ -19,7 +17,6 @@ TORCH_SUFFIXES = (".pth", ".pt")
 SAFETENSORS_SUFFIX = ".safetensors"
 # Metadata entry in which our exporter records the state_dict order (safetensors sorts keys).
 ORDER_METADATA_KEY = "fss_jax.key_order"
-IMAGENET_IGNORED_PREFIXES = ("fc.",)
 
 
 class CheckpointMismatchError(ValueError):
@@ -120,7 +117,7 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 # ---- state_dict → variables ----
 
 def variables_from_torch(state_dict: Mapping[str, np.ndarray], template_variables: Any,
-                         naming: str = "asgnet", backbone_scope: Optional[str] = "backbone",
+                         naming: Optional[keymap.Naming] = None,
                          ignore_prefixes: Iterable[str] = (),
                          source: str = "state_dict") -> dict[str, Any]:
   """Fills a Flax variables tree from a torch state_dict, checking it fits exactly.
@@ -129,22 +126,31 @@ def variables_from_torch(state_dict: Mapping[str, np.ndarray], template_variable
     state_dict: torch key → array (NCHW/OIHW layout), e.g. from ``load_state_dict``.
     template_variables: {'params', 'batch_stats'} tree whose leaves have .shape/.dtype
       (arrays or jax.ShapeDtypeStruct from jax.eval_shape(model.init, ...)).
-    naming, backbone_scope: see ``keymap.flax_to_torch_key``.
-    ignore_prefixes: state_dict keys starting with one of these are dropped silently.
+    naming: the torch names of the template's variables (``keymap.Naming``; the model's and
+      backbone's namings come from ``fss_jax.weights``).
+    ignore_prefixes: state_dict keys starting with one of these are dropped silently (an
+      ImageNet file's classifier).
     source: name of the checkpoint for error messages.
 
   Returns:
     {'params', 'batch_stats'} of numpy arrays with the template's structure, shapes and dtypes.
+    A missing BatchNorm ``num_batches_tracked`` (files from before PyTorch 0.4.1) is 0, as
+    PyTorch loads it.
 
   Raises:
     CheckpointMismatchError: listing every missing, unexpected and mis-shaped key.
   """
   ignore_prefixes = tuple(ignore_prefixes)
-  mapping = keymap.torch_key_map(template_variables, naming, backbone_scope)
+  mapping = keymap.torch_key_map(template_variables, naming)
   given = {k: v for k, v in state_dict.items() if not k.startswith(ignore_prefixes)}
   missing, mismatched, flat = {}, {}, {}
   for key, (collection, path, leaf) in mapping.items():
     expected = keymap.torch_shape(path[-1], tuple(leaf.shape))
+    if key not in given and path[-1] == "num_batches_tracked":
+      # Files saved before PyTorch 0.4.1 (torchvision's vgg16_bn-6c64b313.pth among them) have
+      # no counters; PyTorch's BatchNorm loads them as 0, and so do we.
+      flat.setdefault(collection, {})[path] = np.zeros(leaf.shape, np.dtype(leaf.dtype))
+      continue
     if key not in given:
       missing[key] = expected
       continue
@@ -161,37 +167,3 @@ def variables_from_torch(state_dict: Mapping[str, np.ndarray], template_variable
   if missing or unexpected or mismatched:
     raise CheckpointMismatchError(missing, unexpected, mismatched, source)
   return {c: flax.traverse_util.unflatten_dict(flat[c]) for c in keymap.COLLECTIONS if c in flat}
-
-
-def resnet_template(depth: int) -> dict[str, Any]:
-  """ShapeDtypeStruct variables of ``ResNet(depth)`` (all layers), via jax.eval_shape."""
-  from fss_jax.models import resnet  # pylint: disable=g-import-not-at-top
-  model = resnet.ResNet(depth=depth)
-  x = jax.ShapeDtypeStruct((1, 9, 9, 3), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-
-
-def backbone_variables_from_torch(state_dict: Mapping[str, np.ndarray], depth: int,
-                                  naming: str = "imagenet",
-                                  source: str = "state_dict") -> dict[str, Any]:
-  """ImageNet ResNet file (``conv1.weight``, ..., ``fc.*``) → ResNet {'params','batch_stats'}.
-
-  ``fc.*`` is ignored; any other missing / unexpected / mis-shaped key raises
-  ``CheckpointMismatchError``. ``naming='asgnet'`` reads the stem as ``layer0.{0,1,...}``.
-  """
-  ignore = IMAGENET_IGNORED_PREFIXES if naming == "imagenet" else ()
-  return variables_from_torch(state_dict, resnet_template(depth), naming=naming,
-                              backbone_scope=None, ignore_prefixes=ignore, source=source)
-
-
-def model_variables_from_torch(state_dict: Mapping[str, np.ndarray], template_variables: Any,
-                               backbone_scope: str = "backbone",
-                               source: str = "state_dict") -> dict[str, Any]:
-  """Whole-model checkpoint in the ASGNet naming → variables shaped like ``template_variables``.
-
-  The template is e.g. ``jax.eval_shape(model.init, ...)``; its backbone lives under
-  ``backbone_scope`` and the head modules are named by the torch path with '.' → '_'.
-  """
-  return variables_from_torch(state_dict, template_variables, naming="asgnet",
-                              backbone_scope=backbone_scope, source=source)
-

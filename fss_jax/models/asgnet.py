@@ -8,16 +8,21 @@ One episode batch flows as:
   → FEM → logits (B,h,w,2) → bilinear (align_corners) ×8 to (B,H,W,2).
 
 Parameter names mirror the reference's PyTorch module paths ('.' → '_'), with the backbone
-under ``backbone`` (see ``fss_jax/models/resnet.py``), so weights move both ways by rule.
+under ``backbone`` (see ``fss_jax/models/resnet.py``), so weights move both ways by rule
+(``fss_jax/weights.py``).
 """
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from fss_jax.models import backbones
 from fss_jax.models import fem as fem_lib
 from fss_jax.models import gpa
+from fss_jax.models import losses
 from fss_jax.models import ops
 from fss_jax.models import resnet
 from fss_jax.models import sgc
@@ -30,7 +35,8 @@ class ASGNet(nn.Module):
   """ASGNet with the FEM context module.
 
   Attributes:
-    depth: backbone depth, 50 or 101.
+    backbone: the backbone module (``fss_jax.models.backbones``; output stride 8: the seeds'
+      grid is the reference's (H-1)/8+1), default the deep-stem ResNet-50.
     bins: FEM pyramid bins (ints > 1 absolute, floats <= 1 relative to the feature size).
     reduce_dim: head width (256 in the reference).
     num_classes: 2 (background, foreground).
@@ -39,12 +45,16 @@ class ASGNet(nn.Module):
     bn_batch_stats: the reference's quirk: in training, the backbone's BatchNorm uses batch
       statistics (per query / per shot call, as the reference's separate calls do) and updates
       its running statistics. Default False: backbone BN frozen (running statistics).
-    backbone_dtype: compute dtype of the backbone (e.g. jnp.bfloat16); the head stays float32.
-    backbone_width / backbone_blocks: a narrower / shallower backbone (see ``ResNet``), e.g. for
-      training from scratch on the procedural dataset.
     train_backbone: let gradients reach the backbone (default False: frozen, as the reference).
+    aux_weight: weight of the mean auxiliary loss in ``loss`` (1.0).
   """
-  depth: int = 50
+  # The model-family contract (fss_jax/models/registry.py).
+  inputs = ("query", "supp_images", "supp_labels")
+  targets = ("query_label",)
+  torch_order = ("cls", "down_conv", "corr_conv", "beta_conv", "inner_cls", "alpha_conv",
+                 "res1", "res2")
+
+  backbone: nn.Module = dataclasses.field(default_factory=resnet.ResNet)
   bins: Sequence[Any] = PASCAL_BINS
   reduce_dim: int = 256
   num_classes: int = 2
@@ -52,10 +62,8 @@ class ASGNet(nn.Module):
   train_iters: int = 10
   eval_iters: int = 5
   bn_batch_stats: bool = False
-  backbone_dtype: Any = jnp.float32
-  backbone_width: int = 64
-  backbone_blocks: Optional[Sequence[int]] = None
   train_backbone: bool = False
+  aux_weight: float = 1.0
 
   @nn.compact
   def __call__(self, query: jax.Array, supp_images: jax.Array, supp_labels: jax.Array, *,
@@ -79,33 +87,23 @@ class ASGNet(nn.Module):
     """
     b, big_h, big_w, _ = query.shape
     k = supp_images.shape[1]
-    _check_inputs(query, supp_images, supp_labels)
+    ops.check_episode_inputs(query, supp_images, supp_labels)
     deterministic = (not train) if deterministic is None else deterministic
 
     # ---- Backbone (frozen by default: no gradient, as the reference's torch.no_grad) ----
-    backbone = resnet.ResNet(
-        depth=self.depth, dtype=self.backbone_dtype, width=self.backbone_width,
-        blocks=None if self.backbone_blocks is None else tuple(self.backbone_blocks),
-        name="backbone")
-    use_running = not (train and self.bn_batch_stats)
     if self.is_initializing():
       # layer4 is never run by ASGNet but lives in the reference checkpoints; create it.
-      backbone(query, use_running_average=True, upto="layer4")
-    if use_running:
-      images = jnp.concatenate([query[:, None], supp_images], axis=1)
-      feats = backbone(images.reshape((b * (1 + k), big_h, big_w, 3)),
-                       use_running_average=True, upto="layer3")
-      feats = jnp.concatenate([feats["layer3"], feats["layer2"]], axis=-1)
-      feats = feats.reshape((b, 1 + k) + feats.shape[1:])
-    else:
-      # Batch statistics: one call per query / shot, as the reference does.
-      groups = [query] + [supp_images[:, i] for i in range(k)]
-      outs = [backbone(g, use_running_average=False, upto="layer3") for g in groups]
-      feats = jnp.stack([jnp.concatenate([o["layer3"], o["layer2"]], -1) for o in outs], axis=1)
-    feats = feats.astype(jnp.float32)  # (B,1+K,h,w,1536)
+      self.backbone(query, use_running_average=True, upto="layer4")
+    groups = [query] + [supp_images[:, i] for i in range(k)]
+    outs = backbones.run(self.backbone, groups, batch_stats=train and self.bn_batch_stats,
+                         upto="layer3")
+    feats = jnp.stack([backbones.mid_level(o) for o in outs], axis=1)  # (B,1+K,h,w,C3+C2)
     if not self.train_backbone:
       feats = jax.lax.stop_gradient(feats)
     h, w = feats.shape[2:4]
+    if (h, w) != ((big_h - 1) // 8 + 1, (big_w - 1) // 8 + 1):
+      raise ValueError(f"ASGNet needs an output-stride-8 backbone (its seeds are placed on the "
+                       f"(H-1)/8+1 grid); got {h}x{w} features for {big_h}x{big_w} inputs.")
 
     # ---- Shared reduction: down_conv.0 (1x1, no bias) + Dropout2d(0.5), no ReLU ----
     feats = fem_lib.conv(self.reduce_dim, 1, "down_conv_0")(feats)
@@ -146,19 +144,38 @@ class ASGNet(nn.Module):
         "guide_feat": guide_feat,
     }
 
-
-def _check_inputs(query, supp_images, supp_labels):
-  b, hh, ww, c = query.shape
-  if hh != ww or (hh - 1) % 8 != 0 or c != 3:
-    raise ValueError(f"query must be (B,H,H,3) with H = 8k+1 (e.g. 473); got {query.shape}")
-  if supp_images.ndim != 5 or supp_images.shape[0] != b or supp_images.shape[2:] != (hh, ww, 3):
-    raise ValueError(f"supp_images must be (B,K,{hh},{ww},3) for query {query.shape}; "
-                     f"got {supp_images.shape}")
-  if supp_labels.shape != supp_images.shape[:4]:
-    raise ValueError(f"supp_labels must be {supp_images.shape[:4]}; got {supp_labels.shape}")
+  def loss(self, out: dict, batch: dict) -> tuple[jax.Array, dict]:
+    """The reference's training loss: main CE + aux_weight · mean of the 4 FEM CEs (ignore 255).
+    Returns (total, {'main_loss', 'aux_loss'})."""
+    return losses.fem_model_loss(out, batch, self.aux_weight)
 
 
 def head_param_count(params) -> int:
   """Number of learnable head parameters (everything outside the backbone)."""
   return sum(x.size for name, sub in params.items() if name != "backbone"
              for x in jax.tree.leaves(sub))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """ASGNet's own ``config.model`` fields (besides the backbone fields every model has)."""
+  return ml_collections.ConfigDict(dict(
+      bins=PASCAL_BINS,        # FEM bins: ints absolute, floats <= 1 relative
+      reduce_dim=256,
+      train_iters=10,          # SGC iterations
+      eval_iters=5,
+      max_sp=5,
+  ))
+
+
+def from_config(config) -> ASGNet:
+  """The ASGNet of ``config.model`` (backbone frozen unless ``train.frozen_keys`` lacks it)."""
+  m = config.model
+  return ASGNet(
+      backbone=backbones.build(m), bins=tuple(m.bins), reduce_dim=int(m.reduce_dim),
+      max_sp=int(m.max_sp), train_iters=int(m.train_iters), eval_iters=int(m.eval_iters),
+      bn_batch_stats=m.bn_mode == "batch_stats",
+      train_backbone="backbone" not in tuple(config.train.frozen_keys),
+      aux_weight=float(config.train.aux_weight))

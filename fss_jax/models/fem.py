@@ -1,12 +1,12 @@
-"""PFENet's Feature Enrichment Module (FEM), as used by ASGNet and PFENet.
+"""PFENet's Feature Enrichment Module (FEM), as used by PFENet and ASGNet.
 
 The layers are created in the *calling* module's scope (these are plain functions called from a
 compact ``__call__``), so parameter names are flat and mirror the PyTorch module paths with '.'
-replaced by '_': ``corr_conv_0_0``, ``alpha_conv_0_0``, ``beta_conv_0_0``, ``beta_conv_0_2``,
+replaced by '_': ``corr_conv_0_0`` (PFENet: ``init_merge_0_0``), ``alpha_conv_0_0``, ``beta_conv_0_0``, ``beta_conv_0_2``,
 ``inner_cls_0_0``, ``inner_cls_0_3``, ``res1_0``, ``res2_0``, ``res2_2``, ``cls_0``, ``cls_3``.
-That keeps the PyTorch key map a one-line rule (see ``fss_jax/convert/keymap.py``).
+That keeps the PyTorch key map a one-line rule (``fss_jax.convert.keymap.dotted``).
 """
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -25,9 +25,14 @@ def conv(features: int, kernel: int, name: str, bias: bool = False) -> nn.Conv:
 
 
 def bin_size(b: Bin, feat_size: int) -> int:
-  """Absolute bin size: ints > 1 are absolute (PASCAL 60/30/15/8), floats <= 1 relative (COCO)."""
+  """Absolute bin size: ints > 1 are absolute (PASCAL 60/30/15/8), floats <= 1 relative (COCO,
+  truncated as the references do: int(feat_size · b))."""
   if isinstance(b, float) and b <= 1.0:
-    return int(feat_size * b)
+    size = int(feat_size * b)
+    if size < 1:
+      raise ValueError(f"bin {b!r} of a {feat_size}x{feat_size} feature map is empty "
+                       f"(int({feat_size} * {b}) = 0): use larger inputs or other bins")
+    return size
   if b < 1:
     raise ValueError(f"bin {b!r}: use an int > 1 (absolute) or a float <= 1 (relative)")
   return int(b)
@@ -44,25 +49,35 @@ def classifier(x: jax.Array, prefix: str, num_classes: int, deterministic: bool)
   return conv(num_classes, 1, f"{prefix}_3", bias=True)(x)
 
 
-def fem(guide_feat: jax.Array, prob_map: jax.Array, bins: Sequence[Bin], *, reduce_dim: int,
-        num_classes: int, deterministic: bool):
+def fem(feat: jax.Array, maps: jax.Array, bins: Sequence[Bin], *, reduce_dim: int,
+        num_classes: int, deterministic: bool, vector: Optional[jax.Array] = None,
+        merge: str = "corr_conv"):
   """Multi-scale feature enrichment and the final classifier.
 
+  For each bin the merge conv ``{merge}_{i}_0`` (1x1, no bias, ReLU) sees
+  concat[adaptive-avg-pooled ``feat``, ``vector`` tiled, bilinearly resized ``maps``]:
+  ASGNet: feat = guide feature (query ‖ allocated prototype), maps = prob map, 'corr_conv';
+  PFENet: feat = query feature, vector = prototype, maps = prior, 'init_merge'.
+
   Args:
-    guide_feat: (B,h,w,2·reduce_dim) query feature concatenated with its allocated prototype.
-    prob_map: (B,h,w,1) prior/probability map.
+    feat: (B,h,w,C) pooled to each bin (AdaptiveAvgPool2d).
+    maps: (B,h,w,M) probability / prior maps, resized to each bin (bilinear, align_corners).
     bins: pyramid bin sizes, in order (e.g. (60, 30, 15, 8) or (1.0, 0.5, 0.25, 0.125)).
+    vector: optional (B,D), tiled to each bin (a prototype: never pooled).
+    merge: name of the per-bin merge convs.
   Returns:
     (logits (B,h,w,num_classes), aux_logits: list of (B,b,b,num_classes), one per bin).
   """
-  h, w = guide_feat.shape[1:3]
+  h, w = feat.shape[1:3]
   pyramid, aux = [], []
   for i, b in enumerate(bins):
     b = bin_size(b, h)
-    guide_bin = ops.adaptive_avg_pool(guide_feat, (b, b))
-    prob_bin = ops.resize_bilinear_ac(prob_map, (b, b))
-    x = nn.relu(conv(reduce_dim, 1, f"corr_conv_{i}_0")(
-        jnp.concatenate([guide_bin, prob_bin], axis=-1)))
+    parts = [ops.adaptive_avg_pool(feat, (b, b))]
+    if vector is not None:
+      parts.append(jnp.broadcast_to(vector[:, None, None, :], (vector.shape[0], b, b,
+                                                               vector.shape[-1])))
+    parts.append(ops.resize_bilinear_ac(maps, (b, b)))
+    x = nn.relu(conv(reduce_dim, 1, f"{merge}_{i}_0")(jnp.concatenate(parts, axis=-1)))
     if i >= 1:
       prev = ops.resize_bilinear_ac(pyramid[i - 1], (b, b))
       x = nn.relu(conv(reduce_dim, 1, f"alpha_conv_{i - 1}_0")(

@@ -25,6 +25,20 @@ def _check_nhwc(x, name):
     raise ValueError(f"{name}: expected an NHWC array (B, H, W, C), got shape {x.shape}.")
 
 
+def check_episode_inputs(query: jax.Array, supp_images: jax.Array,
+                         supp_labels: jax.Array) -> None:
+  """Raises ValueError unless query (B,H,H,3) with H = 8k+1, supp_images (B,K,H,H,3) and
+  supp_labels (B,K,H,H): the inputs every episodic model takes."""
+  b, hh, ww, c = query.shape
+  if hh != ww or (hh - 1) % 8 != 0 or c != 3:
+    raise ValueError(f"query must be (B,H,H,3) with H = 8k+1 (e.g. 473); got {query.shape}")
+  if supp_images.ndim != 5 or supp_images.shape[0] != b or supp_images.shape[2:] != (hh, ww, 3):
+    raise ValueError(f"supp_images must be (B,K,{hh},{ww},3) for query {query.shape}; "
+                     f"got {supp_images.shape}")
+  if supp_labels.shape != supp_images.shape[:4]:
+    raise ValueError(f"supp_labels must be {supp_images.shape[:4]}; got {supp_labels.shape}")
+
+
 def _check_out_hw(out_hw, name):
   out_hw = tuple(int(s) for s in out_hw)
   if len(out_hw) != 2 or min(out_hw) < 1:
@@ -32,16 +46,16 @@ def _check_out_hw(out_hw, name):
   return out_hw
 
 
-def _frozen_f32(m):
-  # The matrices are cached and shared; make accidental in-place edits fail loudly.
-  m = m.astype(np.float32)
+def _frozen(m):
+  # The matrices are cached and shared; make accidental in-place edits fail loudly. They stay
+  # float64 here and are cast to the compute dtype where used.
   m.setflags(write=False)
   return m
 
 
 @functools.lru_cache(maxsize=256)
 def _bilinear_ac_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out, in) float32 matrix of 1-D linear interpolation with align_corners=True.
+  """(out, in) float64 matrix of 1-D linear interpolation with align_corners=True.
 
   Output i samples source coordinate i * (in - 1) / (out - 1) (0 when out == 1), blending the two
   neighbouring source pixels as PyTorch's upsample_bilinear2d does.
@@ -55,12 +69,12 @@ def _bilinear_ac_matrix(in_size: int, out_size: int) -> np.ndarray:
   rows = np.arange(out_size)
   np.add.at(m, (rows, i0), 1.0 - frac)
   np.add.at(m, (rows, i1), frac)
-  return _frozen_f32(m)
+  return _frozen(m)
 
 
 @functools.lru_cache(maxsize=256)
 def _adaptive_avg_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out, in) float32 matrix of PyTorch AdaptiveAvgPool 1-D bins.
+  """(out, in) float64 matrix of PyTorch AdaptiveAvgPool 1-D bins.
 
   Bin i averages [floor(i * in / out), ceil((i + 1) * in / out)): bins overlap when the sizes do
   not divide and a source pixel is replicated when out > in.
@@ -70,7 +84,7 @@ def _adaptive_avg_matrix(in_size: int, out_size: int) -> np.ndarray:
     start = (i * in_size) // out_size
     end = -((-(i + 1) * in_size) // out_size)  # Integer ceil; no float rounding.
     m[i, start:end] = 1.0 / (end - start)
-  return _frozen_f32(m)
+  return _frozen(m)
 
 
 def _apply_separable(x, mh, mw):

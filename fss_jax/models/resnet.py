@@ -9,14 +9,16 @@ NHWC throughout. Layout (reference_asgnet.md §1):
 A (8k+1)x(8k+1) input gives (k+1)x(k+1) maps from layer2 on (473 → 237 → 119 → 119 → 60 → 60).
 
 Variable names follow the PyTorch module paths with '.' → '_' (``layer1_0/downsample_1``), except
-that the stem's convs and BNs are ``layer0/{conv,bn}{1,2,3}``; ``fss_jax.convert.keymap`` maps
-them to both the ImageNet file naming and the ASGNet checkpoint naming.
+that the stem's convs and BNs are ``layer0/{conv,bn}{1,2,3}``; ``torch_module_path`` maps them to
+both the ImageNet file naming and the model checkpoints' naming.
 """
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from fss_jax.convert import keymap
 
 LAYERS = ("layer0", "layer1", "layer2", "layer3", "layer4")
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -76,8 +78,9 @@ class TorchBatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     count = self.variable("batch_stats", "num_batches_tracked",
                           lambda: jnp.zeros((), jnp.int32))
-    # Statistics and normalisation in float32 even for a bfloat16 compute dtype.
-    xf = x.astype(jnp.float32)
+    # Statistics and normalisation in float32 even for a bfloat16 compute dtype (float64 for a
+    # float64 one: the parity tests' exact mode).
+    xf = x.astype(jnp.promote_types(self.dtype, jnp.float32))
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
@@ -155,40 +158,82 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool = True,
-               upto: str = "layer4") -> dict[str, jax.Array]:
-    """Runs layer0..``upto``.
+               upto: str = "layer4", start: str = "layer0") -> dict[str, jax.Array]:
+    """Runs layers ``start``..``upto``.
 
     Args:
-      x: (B,H,W,3) normalised RGB, H and W of the form 8k+1.
+      x: (B,H,W,3) normalised RGB, H and W of the form 8k+1, when ``start`` is 'layer0';
+        otherwise the output of the layer before ``start`` (e.g. a masked layer3 for 'layer4').
       use_running_average: True: frozen BN (running statistics); False: batch statistics (and
         running-statistics updates when ``batch_stats`` is mutable).
       upto: last layer to run, one of ``LAYERS``.
+      start: first layer to run.
 
     Returns:
-      {'layer0': (B,2k+1,2k+1,128), 'layer1': (B,2k+1,2k+1,256), 'layer2': (B,k+1,k+1,512),
-       'layer3': (B,k+1,k+1,1024), 'layer4': (B,k+1,k+1,2048)} up to ``upto``.
+      {'layer0': (B,2k+1,2k+1,2w), 'layer1': (B,2k+1,2k+1,4w), 'layer2': (B,k+1,k+1,8w),
+       'layer3': (B,k+1,k+1,16w), 'layer4': (B,k+1,k+1,32w)} for the layers run (w = width).
     """
     if self.blocks is None and self.depth not in BLOCKS:
       raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS)}, got {self.depth}")
-    if upto not in LAYERS:
-      raise ValueError(f"upto must be one of {LAYERS}, got {upto!r}")
-    if x.ndim != 4 or x.shape[-1] != 3:
-      raise ValueError(f"ResNet expects (B,H,W,3) inputs, got shape {x.shape}")
-    check_input_size(x.shape[1], x.shape[2])
-    last = LAYERS.index(upto)
+    first, last = _layer_range(start, upto)
+    if first == 0:
+      if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"ResNet expects (B,H,W,3) inputs, got shape {x.shape}")
+      check_input_size(x.shape[1], x.shape[2])
     x = x.astype(self.dtype)
-    feats = {"layer0": Stem(dtype=self.dtype, width=self.width, name="layer0")(
-        x, use_running_average)}
-    x = feats["layer0"]
+    feats = {}
+    if first == 0:
+      x = feats["layer0"] = Stem(dtype=self.dtype, width=self.width, name="layer0")(
+          x, use_running_average)
     blocks_per_stage = self.blocks if self.blocks is not None else BLOCKS[self.depth]
     for stage, ((planes, stride, dilation), blocks) in enumerate(
         zip(_STAGES, blocks_per_stage), start=1):
+      if not first <= stage <= last:
+        continue
       planes = planes * self.width // 64
-      if stage > last:
-        break
       for i in range(blocks):
         x = Bottleneck(planes, stride=stride if i == 0 else 1, dilation=dilation,
                        downsample=i == 0, dtype=self.dtype,
                        name=f"layer{stage}_{i}")(x, use_running_average)
       feats[f"layer{stage}"] = x
     return feats
+
+
+def _layer_range(start: str, upto: str) -> tuple[int, int]:
+  for name, value in (("start", start), ("upto", upto)):
+    if value not in LAYERS:
+      raise ValueError(f"{name} must be one of {LAYERS}, got {value!r}")
+  first, last = LAYERS.index(start), LAYERS.index(upto)
+  if first > last:
+    raise ValueError(f"start={start!r} comes after upto={upto!r}")
+  return first, last
+
+
+# ----------------------------------------------------------------------------- PyTorch names
+
+# Stem child → its index in the nn.Sequential ``layer0`` of PSPNet-style models (PFENet, ASGNet:
+# ReLUs at 2, 5, 8, max-pool at 9); the ImageNet files name them conv1, bn1, ... at the top.
+STEM_INDEX = {"conv1": "0", "bn1": "1", "conv2": "3", "bn2": "4", "conv3": "6", "bn3": "7"}
+# Registration order of the reference's modules (ImageNet file and model checkpoints).
+TORCH_ORDER = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample",
+               "layer0", "layer1", "layer2", "layer3", "layer4", "fc")
+# ImageNet-file keys with no counterpart here (the classifier).
+IMAGENET_IGNORED = ("fc.",)
+
+
+def torch_module_path(path: tuple[str, ...], scheme: str) -> str:
+  """Flax module path inside the ResNet → torch module path.
+
+  scheme 'model': inside a PSPNet/PFENet/ASGNet checkpoint (stem ``layer0.{0,1,3,4,6,7}``);
+  'imagenet': the ImageNet files ``resnet{50,101}_v2.pth`` (stem ``conv1``, ``bn1``, ...).
+  Elsewhere '_' before digits becomes '.': ``layer1_0/downsample_1`` → ``layer1.0.downsample.1``.
+  """
+  if path and path[0] == "layer0":
+    if len(path) != 2 or path[1] not in STEM_INDEX:
+      raise ValueError(f"unexpected stem module {'/'.join(path)}")
+    if scheme == "model":
+      return f"layer0.{STEM_INDEX[path[1]]}"
+    if scheme == "imagenet":
+      return path[1]
+    raise ValueError(f"unknown naming scheme {scheme!r}; expected 'model' or 'imagenet'")
+  return keymap.dotted(path)

@@ -18,13 +18,16 @@ fixed M×M canvas (M = the largest L of the split); rows and columns ≥ L fall 
 """
 import dataclasses
 import functools
+import json
 import math
+import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fss_jax import weights
 from fss_jax.data import pipeline
 from fss_jax.data import schema
 from fss_jax.train import logging as logging_lib
@@ -74,7 +77,7 @@ def episode_scores(model, variables, batch: Mapping[str, jax.Array],
                    original_label: bool = False):
   """Forward + per-episode (inter, union), each (B, 2) int32 [bg, fg] (jitted; the model is a
   static argument, so every evaluator of an equal model shares the compiled function)."""
-  out = model.apply(variables, *(batch[k] for k in step_lib.BATCH_KEYS), train=False)
+  out = model.apply(variables, **step_lib.model_inputs(model, batch), train=False)
   logits = out["logits"]
   if not original_label:
     pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -131,8 +134,8 @@ class Evaluator:
   """Evaluates variables of a model on a dataset's fold with the few-shot protocol.
 
   Args:
-    model: the Flax model (``model.apply(variables, query, supp_images, supp_labels,
-      train=False)`` → dict with ``logits``).
+    model: a registered model (``fss_jax.models.registry``): ``model.apply(variables,
+      **{k: batch[k] for k in model.inputs}, train=False)`` → dict with ``logits``.
     mesh: the ``"data"`` mesh.
     dataset_dir: converted dataset (manifest + TFRecords).
     fold, shot, image_size: the task.
@@ -176,7 +179,7 @@ class Evaluator:
         self.num_episodes, jax.process_index(), jax.process_count(), self.num_workers,
         split=self.split, original_label=self.original_label, min_pixels=self.min_pixels,
         read_threads=self.read_threads, classes=self.which)
-    keys = list(step_lib.BATCH_KEYS) + (
+    keys = list(self.model.inputs) + (
         ["orig_label", "orig_size"] if self.original_label else ["query_label"])
     meter = metrics_lib.FewShotMeter(self.classes)
     bar = logging_lib.ProgressBar(self.num_batches(), desc=desc, unit="batch",
@@ -210,7 +213,7 @@ class Evaluator:
     rows = []
     for batch in ds:
       device_batch = sharding.host_batch_to_global(
-          {k: batch[k] for k in step_lib.BATCH_KEYS}, self.mesh)
+          {k: batch[k] for k in self.model.inputs}, self.mesh)
       pred = _local_rows(_predict(self.model, variables, device_batch))
       inter, union = metrics_lib.batch_stats(jnp.asarray(pred), jnp.asarray(batch["query_label"]))
       for j in range(len(pred)):
@@ -249,11 +252,38 @@ def format_seeds(result: Mapping[str, Any]) -> str:
           f"({m['n']} seed{'s' if m['n'] != 1 else ''})")
 
 
+def results_json(result: Mapping[str, Any], **header) -> dict:
+  """The JSON form of a ``run_seeds`` result (``final_metrics.json``, ``evaluate.py --output``):
+  ``header`` entries first (what was evaluated), then mIoU / FB-IoU mean ± std and, per seed,
+  mIoU, FB-IoU and each class's IoU, episode count and summed foreground counts."""
+  return {
+      **header,
+      "miou": result["miou"], "fbiou": result["fbiou"],
+      "per_seed": [{"seed": r.seed, "miou": r.miou, "fbiou": r.fbiou,
+                    "per_class": {str(c): v for c, v in r.meter.per_class(r.classes).items()}}
+                   for r in result["runs"]],
+  }
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as indented JSON atomically (a temporary file, then a rename)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def eval_shot(config) -> int:
+  """Shots of the evaluation episodes: ``data.eval_shot``, or ``data.shot`` when it is 0 (PFENet
+  reports 5-shot results of its 1-shot-trained models: ``eval_shot=5`` with ``shot=1``)."""
+  return int(config.data.eval_shot) or int(config.data.shot)
+
+
 def from_config(config, model, mesh, dataset_dir: str, classes: str = "novel") -> Evaluator:
   """The ``Evaluator`` of ``config.data`` (fold, shot, size, batch, N, original-label, ...)."""
   d = config.data
   return Evaluator(
-      model, mesh, dataset_dir, fold=d.fold, shot=d.shot, image_size=d.image_size,
+      model, mesh, dataset_dir, fold=d.fold, shot=eval_shot(config), image_size=d.image_size,
       batch_size=d.eval_batch_size, num_episodes=d.eval_episodes, classes=classes,
       split=d.eval_split, original_label=d.original_label_eval,
       num_workers=int(d.num_workers), read_threads=int(d.read_threads),
@@ -266,27 +296,19 @@ def load_variables(model, config, *, workdir: Optional[str] = None,
 
   Args:
     model: the configured model (its shapes validate imported weights).
-    config: the config (image size and shot for the template).
+    config: the config (the model's PyTorch naming, image size and shot for the template).
     workdir: a ``train.py`` run directory; ``step`` picks 'best', 'latest' or an int.
     checkpoint: instead, a ``.pth``/``.pt``/``.safetensors`` file in the reference's naming
-      (e.g. the authors' trained ASGNet, ``module.`` prefixes and ``{'state_dict': ...}``
+      (e.g. the authors' trained model, ``module.`` prefixes and ``{'state_dict': ...}``
       accepted) or a ``.msgpack`` written by ``scripts/import_checkpoint.py``.
 
   Returns:
     (variables, description of the source).
   """
-  from fss_jax.convert import io  # pylint: disable=g-import-not-at-top
-  from fss_jax.convert import torch_import  # pylint: disable=g-import-not-at-top
   from fss_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   if (workdir is None) == (checkpoint is None):
     raise ValueError("Give exactly one of workdir (a training run) or checkpoint (a file).")
   if workdir is not None:
     variables, read = ckpt_lib.load_model_variables(workdir, step)
     return variables, f"{workdir} step {read}"
-  if checkpoint.endswith(io.SUFFIX):
-    return io.load_variables(checkpoint), checkpoint
-  from fss_jax.models import builder  # pylint: disable=g-import-not-at-top
-  template = builder.variables_template(model, config.data.image_size, config.data.shot)
-  state_dict = torch_import.load_state_dict(checkpoint)
-  return torch_import.model_variables_from_torch(state_dict, template,
-                                                 source=checkpoint), checkpoint
+  return weights.read_model(checkpoint, model, config), checkpoint

@@ -5,7 +5,7 @@ when it is trained) and ``frozen`` (the pretrained backbone): the frozen part ge
 computation and no optimiser state. ``batch_stats`` holds BatchNorm statistics, updated only when
 the model runs BN in batch-statistics mode.
 """
-from typing import Any, Callable
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -13,10 +13,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fss_jax.train import losses
 from fss_jax.train import optim
 
-BATCH_KEYS = ("query", "supp_images", "supp_labels")
+
+
+def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The batch entries the model's ``__call__`` takes (``model.inputs``), by name."""
+  missing = [k for k in model.inputs if k not in batch]
+  if missing:
+    raise KeyError(f"{type(model).__name__} needs batch keys {list(model.inputs)}; "
+                   f"missing {missing} (batch has {sorted(batch)})")
+  return {k: batch[k] for k in model.inputs}
+
+
+def device_keys(model: nn.Module) -> tuple[str, ...]:
+  """The batch keys a train step reads: the model's inputs and its loss's targets."""
+  return tuple(model.inputs) + tuple(model.targets)
 
 
 @flax.struct.dataclass
@@ -46,14 +58,17 @@ def create_train_state(variables, tx: optax.GradientTransformation,
                     opt_state=tx.init(trainable))
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
-               tx: optax.GradientTransformation, aux_weight: float = 1.0):
-  """One SGD step on a batch of episodes.
+def train_step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation,
+               deterministic: bool = False):
+  """One SGD step on a batch of episodes, with the model's own loss (``model.loss``).
 
-  batch: query (B,H,W,3), supp_images (B,K,H,W,3), supp_labels (B,K,H,W), query_label (B,H,W).
+  batch: at least ``device_keys(model)``, e.g. query (B,H,W,3), supp_images (B,K,H,W,3),
+  supp_labels (B,K,H,W), query_label (B,H,W).
+  deterministic: dropout off (for gradient parity checks through this step).
   A non-finite loss leaves the state unchanged (the host stops the run on ``metrics['finite']``
   being False), so the last good state is never overwritten.
-  Returns (new_state, metrics dict of scalars).
+  Returns (new_state, metrics: 'loss', the loss's named terms, 'pixel_acc', 'finite').
   """
   rng = jax.random.fold_in(rng, state.step)
   mutable = ["batch_stats"] if state.batch_stats else False
@@ -62,15 +77,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
     variables = {"params": {**state.frozen, **trainable}}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
-    out = model.apply(variables, *(batch[k] for k in BATCH_KEYS), train=True,
-                      rngs={"dropout": rng}, mutable=mutable)
+    out = model.apply(variables, **model_inputs(model, batch), train=True,
+                      deterministic=deterministic, rngs={"dropout": rng}, mutable=mutable)
     out, updates = out if mutable else (out, {})
-    total, main, aux = losses.asgnet_loss(out["logits"], out["aux_logits"],
-                                          batch["query_label"], aux_weight=aux_weight)
+    total, terms = model.loss(out, batch)
     pred = jnp.argmax(out["logits"], axis=-1)
-    return total, (main, aux, updates.get("batch_stats", state.batch_stats), pred)
+    return total, (terms, updates.get("batch_stats", state.batch_stats), pred)
 
-  (total, (main, aux, new_stats, pred)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  (total, (terms, new_stats, pred)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.trainable)
   updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
   new_trainable = optax.apply_updates(state.trainable, updates)
@@ -83,16 +97,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
   label = batch["query_label"]
   valid = label != 255
   acc = jnp.sum((pred == label) & valid) / jnp.maximum(jnp.sum(valid), 1)
-  return new_state, {"loss": total, "main_loss": main, "aux_loss": aux, "pixel_acc": acc,
-                     "finite": finite}
+  return new_state, {"loss": total, **terms, "pixel_acc": acc, "finite": finite}
 
 
-def eval_step(variables, batch: dict, *, model: nn.Module):
+def eval_step(variables, batch: Mapping[str, Any], *, model: nn.Module):
   """Eval forward: (B,H,W) int32 predictions at input resolution."""
-  out = model.apply(variables, *(batch[k] for k in BATCH_KEYS), train=False)
+  out = model.apply(variables, **model_inputs(model, batch), train=False)
   return jnp.argmax(out["logits"], axis=-1).astype(jnp.int32)
-
-
-def make_train_step(model, tx, aux_weight=1.0) -> Callable:
-  return jax.jit(lambda s, b, r: train_step(s, b, r, model=model, tx=tx, aux_weight=aux_weight),
-                 donate_argnums=(0,))

@@ -15,7 +15,6 @@ automatically, so a killed run continues with exactly the batches and random num
 have seen (per-step randomness is ``fold_in(seed, step)``). SIGTERM / SIGINT save a checkpoint at
 the next step boundary and return; a non-finite loss stops the run without saving.
 """
-import json
 import os
 import signal
 import sys
@@ -30,7 +29,8 @@ from fss_jax.data import dataset_dir as dataset_dir_lib
 from fss_jax.data import episodes as episodes_lib
 from fss_jax.data import pipeline
 from fss_jax.data import schema
-from fss_jax.models import builder
+from fss_jax import weights
+from fss_jax.models import registry
 from fss_jax.train import checkpoint as ckpt_lib
 from fss_jax.train import evaluator as evaluator_lib
 from fss_jax.train import logging as logging_lib
@@ -154,12 +154,11 @@ def train_and_evaluate(config, workdir: str,
       f"(batch {d.train_batch_size}, {plan.steps_per_epoch} steps/epoch)")
 
   # ---- model, optimiser, state ----
-  model = builder.build_model(config)
+  model = registry.build_model(config)
   init_rng, train_rng = jax.random.split(jax.random.key(int(t.seed)))
-  variables = builder.init_variables(model, d.image_size, d.shot, init_rng)
+  variables = registry.init_variables(model, d.image_size, d.shot, init_rng)
   if config.model.backbone_weights:
-    variables = builder.load_backbone(variables, config.model.backbone_weights,
-                                      config.model.depth)
+    variables = weights.load_backbone(variables, config)
     log(f"backbone weights: {config.model.backbone_weights}")
   elif "backbone" in tuple(t.frozen_keys):
     log("WARNING: config.model.backbone_weights is empty and the backbone is frozen: training "
@@ -201,11 +200,10 @@ def train_and_evaluate(config, workdir: str,
   writer = logging_lib.MetricWriter(workdir)
   logging_lib.save_config(config, workdir)
   train_step = jax.jit(
-      lambda s, b, r: step_lib.train_step(s, b, r, model=model, tx=tx,
-                                          aux_weight=float(t.aux_weight)),
+      lambda s, b, r: step_lib.train_step(s, b, r, model=model, tx=tx),
       donate_argnums=(0,), out_shardings=(replicated, replicated))
   schedule = optim.make_schedule(config, plan.total_steps)
-  keys = list(step_lib.BATCH_KEYS) + ["query_label"]
+  keys = step_lib.device_keys(model)
 
   def evaluate(step):
     variables = state.variables()
@@ -293,18 +291,9 @@ def final_evaluation(config, workdir, ckpt, state, novel_eval, writer) -> dict:
   last = out["runs"][-1]
   log(last.table())
   log(f"final: {evaluator_lib.format_seeds(out)}")
-  summary = {
-      "checkpoint_step": step, "checkpoint": source,
-      "miou": out["miou"], "fbiou": out["fbiou"],
-      "per_seed": [{"seed": r.seed, "miou": r.miou, "fbiou": r.fbiou,
-                    "per_class": {str(c): v["iou"] for c, v in r.meter.per_class(r.classes)
-                                  .items()}} for r in out["runs"]],
-  }
+  summary = evaluator_lib.results_json(out, checkpoint_step=step, checkpoint=source)
   writer.write_scalars(last_step, {"final/miou": out["miou"]["mean"],
                                    "final/fbiou": out["fbiou"]["mean"]})
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "final_metrics.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
+    evaluator_lib.write_json(os.path.join(workdir, "final_metrics.json"), summary)
   return summary

@@ -1,5 +1,5 @@
 """Segmentation losses (NHWC logits, integer label maps)."""
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,15 +41,15 @@ def cross_entropy_ignore(logits: jax.Array, labels: jax.Array,
   return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
-def asgnet_loss(logits: jax.Array, aux_logits: Sequence[jax.Array], labels: jax.Array,
-                aux_weight: float = 1.0, ignore_index: int = IGNORE_INDEX):
-  """ASGNet training loss: main CE + aux_weight * mean of the auxiliary (FEM) CEs.
+def main_aux_loss(logits: jax.Array, aux_logits: Sequence[jax.Array], labels: jax.Array,
+                  aux_weight: float = 1.0, ignore_index: int = IGNORE_INDEX):
+  """PFENet's training loss (also ASGNet's): main CE + aux_weight · mean of the auxiliary CEs.
 
   Args:
     logits: (B, H, W, C) main logits at label resolution.
-    aux_logits: list of (B, H, W, C) auxiliary logits at label resolution (may be empty).
+    aux_logits: list of (B, H, W, C) auxiliary (FEM) logits at label resolution (may be empty).
     labels: (B, H, W) integer labels with `ignore_index` for ignored pixels.
-    aux_weight: weight of the mean auxiliary loss (1.0 in the reference).
+    aux_weight: weight of the mean auxiliary loss (1.0 in the references).
     ignore_index: label value excluded from every loss.
 
   Returns:
@@ -62,3 +62,12 @@ def asgnet_loss(logits: jax.Array, aux_logits: Sequence[jax.Array], labels: jax.
   else:
     aux = jnp.zeros((), main.dtype)
   return main + aux_weight * aux, main, aux
+
+
+def fem_model_loss(out: Mapping[str, Any], batch: Mapping[str, jax.Array],
+                   aux_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """``main_aux_loss`` of a model output (``logits``, ``aux_logits``) against
+  ``batch['query_label']``, as models' ``loss`` methods return it: (total, named terms)."""
+  total, main, aux = main_aux_loss(out["logits"], out["aux_logits"], batch["query_label"],
+                                   aux_weight)
+  return total, {"main_loss": main, "aux_loss": aux}

@@ -1,0 +1,125 @@
+"""Backbones by ``config.model.backbone``: the module, its PyTorch names, and how models run it.
+
+Every backbone is a Flax module called as ``backbone(x, use_running_average, upto=, start=)``
+that returns a dict of the layers it ran, 'layer0'..'layer4' (``resnet.ResNet``,
+``vgg.VGG16BN``). Registered:
+
+  resnet        deep-stem dilated ResNet-50/101, output stride 8 (``model.depth``)
+  resnet_small  the same with ``model.backbone_width`` / ``backbone_blocks`` (trained from scratch)
+  vgg16_bn      torchvision's VGG16-bn cut as PFENet does, output stride 16
+
+A backbone's PyTorch names come in two schemes: 'imagenet' (the ImageNet file it is initialised
+from: ``resnet50_v2.pth``, torchvision's ``vgg16_bn-6c64b313.pth``) and 'model' (inside a
+trained model's checkpoint: ``layer0.4.weight``, ``layer2.7.running_mean``).
+"""
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fss_jax.convert import keymap
+from fss_jax.models import ops
+from fss_jax.models import resnet
+from fss_jax.models import vgg
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A registered backbone family.
+
+  Attributes:
+    build: ``config.model`` → the Flax module (named 'backbone' in the model).
+    torch_module_path: (Flax module path inside the backbone, scheme) → torch module path.
+    torch_order: registration order of its torch modules (for writing state_dicts in order).
+    imagenet_ignored: key prefixes of its ImageNet file that have no counterpart (classifier).
+    stride: output stride of layer2..layer4 as models use them (layer2 is resized to layer3).
+  """
+  build: Callable[[Any], nn.Module]
+  torch_module_path: Callable[[tuple[str, ...], str], str]
+  torch_order: tuple[str, ...]
+  imagenet_ignored: tuple[str, ...]
+  stride: int
+
+
+def _resnet(m) -> resnet.ResNet:
+  blocks = tuple(int(b) for b in m.backbone_blocks) or None
+  if blocks is not None and len(blocks) != 4:
+    raise ValueError(f"config.model.backbone_blocks = {m.backbone_blocks!r}: four stage "
+                     "counts, or () for the standard depth.")
+  return resnet.ResNet(depth=int(m.depth), dtype=DTYPES[m.backbone_dtype],
+                       width=int(m.backbone_width), blocks=blocks)
+
+
+def _vgg(m) -> vgg.VGG16BN:
+  return vgg.VGG16BN(dtype=DTYPES[m.backbone_dtype])
+
+
+_RESNET = Backbone(_resnet, resnet.torch_module_path, resnet.TORCH_ORDER,
+                   resnet.IMAGENET_IGNORED, stride=8)
+BACKBONES = {
+    "resnet": _RESNET,
+    "resnet_small": _RESNET,
+    "vgg16_bn": Backbone(_vgg, vgg.torch_module_path, vgg.TORCH_ORDER, vgg.IMAGENET_IGNORED,
+                         stride=16),
+}
+
+
+def get(name: str) -> Backbone:
+  if name not in BACKBONES:
+    raise ValueError(f"config.model.backbone = {name!r}: must be one of {sorted(BACKBONES)}.")
+  return BACKBONES[name]
+
+
+def build(model_config) -> nn.Module:
+  """The backbone module of ``config.model`` (``backbone``, ``depth``, width, blocks, dtype)."""
+  if model_config.backbone_dtype not in DTYPES:
+    raise ValueError(f"config.model.backbone_dtype = {model_config.backbone_dtype!r}: must be "
+                     f"one of {sorted(DTYPES)}.")
+  return get(model_config.backbone).build(model_config)
+
+
+def torch_naming(name: str, scheme: str = "imagenet") -> keymap.Naming:
+  """The PyTorch naming of a bare backbone's variables (``layer0`` at the top of the tree)."""
+  spec = get(name)
+  return keymap.Naming(lambda path: spec.torch_module_path(path, scheme), spec.torch_order)
+
+
+# ----------------------------------------------------------------------------- use in models
+
+
+def run(backbone: nn.Module, groups: Sequence[jax.Array], *, batch_stats: bool,
+        **kwargs) -> list[dict[str, jax.Array]]:
+  """Runs ``backbone`` on each group of images/features (e.g. the query, then each shot).
+
+  Frozen BN (``batch_stats=False``): one call on the concatenated groups (the same numbers as
+  separate calls, in one larger batch). Batch statistics (the references' train-mode quirk):
+  one call per group, so each group is its own BN batch as in the reference's separate calls.
+
+  Args:
+    groups: arrays with the same trailing shape, (B_i, ...).
+    kwargs: ``upto`` / ``start`` for the backbone.
+  Returns:
+    one feature dict per group.
+  """
+  if batch_stats:
+    return [backbone(g, use_running_average=False, **kwargs) for g in groups]
+  out = backbone(jnp.concatenate(groups, axis=0), use_running_average=True, **kwargs)
+  bounds = [0]
+  for g in groups:
+    bounds.append(bounds[-1] + g.shape[0])
+  return [{k: v[a:b] for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def mid_level(feats: dict[str, jax.Array]) -> jax.Array:
+  """concat[layer3, layer2] in (at least) float32, layer2 first resized (bilinear,
+  align_corners) to the layer3 size when they differ (VGG): (B,h3,w3,C3+C2), the head's input."""
+  l3, l2 = feats["layer3"], feats["layer2"]
+  dtype = jnp.promote_types(l3.dtype, jnp.float32)
+  l3, l2 = l3.astype(dtype), l2.astype(dtype)
+  if l2.shape[1:3] != l3.shape[1:3]:
+    l2 = ops.resize_bilinear_ac(l2, l3.shape[1:3])
+  return jnp.concatenate([l3, l2], axis=-1)

@@ -1,0 +1,70 @@
+"""Models by ``config.model.name``, and their initial variables.
+
+Adding a model = its module file, its configs, and one line in ``MODELS``. A model module has:
+  * ``model_config()``: its own ``config.model`` fields with defaults (the backbone fields
+    every model shares are in ``fss_jax.configs_lib.base_config``);
+  * ``from_config(config)``: the ``nn.Module`` the config describes;
+and its module class has:
+  * ``__call__(query, supp_images, supp_labels, *, train, deterministic=None)`` → a dict with
+    at least ``logits`` (B,H,W,C) at input resolution (the evaluator's and metrics' input);
+  * ``inputs``: the batch keys passed to ``__call__`` by name; ``targets``: the other batch keys
+    its loss reads (the batch-dict contract of ``fss_jax/data/pipeline.py``);
+  * ``loss(out, batch)`` → (total, {name: scalar}) (the train step logs every term);
+  * ``torch_order``: its PyTorch head modules in registration order, and a ``backbone``
+    submodule of ``fss_jax.models.backbones`` (export names, ``fss_jax/weights.py``).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fss_jax.models import asgnet
+from fss_jax.models import pfenet
+
+MODELS = {
+    "asgnet": asgnet,
+    "pfenet": pfenet,
+}
+
+
+def get(name: str):
+  """The model module registered as ``name``."""
+  if name not in MODELS:
+    raise ValueError(f"config.model.name = {name!r}: must be one of {sorted(MODELS)}.")
+  return MODELS[name]
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+  """The model-specific ``config.model`` fields of ``name`` with their defaults."""
+  return get(name).model_config()
+
+
+def build_model(config) -> nn.Module:
+  """The model described by ``config.model`` (and ``train`` for its frozen keys and loss)."""
+  return get(config.model.name).from_config(config)
+
+
+def _init_fn(model: nn.Module, image_size: int, shot: int):
+  s = int(image_size)
+  query = jnp.zeros((1, s, s, 3), jnp.float32)
+  supp = jnp.zeros((1, shot, s, s, 3), jnp.float32)
+  labels = jnp.ones((1, shot, s, s), jnp.int32)
+  return lambda rng: model.init({"params": rng, "dropout": rng}, query, supp, labels,
+                                train=False)
+
+
+def init_variables(model: nn.Module, image_size: int, shot: int,
+                   rng: jax.Array) -> dict[str, Any]:
+  """Random initial variables (PyTorch default init, see the modules) for S×S inputs."""
+  return jax.device_get(dict(jax.jit(_init_fn(model, image_size, shot))(rng)))
+
+
+def variables_template(model: nn.Module, image_size: int = 65,
+                       shot: int = 1) -> dict[str, Any]:
+  """The variables' structure as ``jax.ShapeDtypeStruct`` (nothing is computed).
+
+  Parameter shapes do not depend on the input size, so a small one is the default.
+  """
+  return jax.eval_shape(_init_fn(model, image_size, shot), jax.random.key(0))

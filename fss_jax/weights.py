@@ -1,0 +1,142 @@
+"""PyTorch weights in and out of configured models: the one module that uses both
+``fss_jax.models`` (what the variables are) and ``fss_jax.convert`` (how files are named).
+
+  model_naming(config)                 the whole model's PyTorch key names and order
+  backbone_naming(name, scheme)        a backbone's ('imagenet' file or 'model' checkpoint)
+  read_backbone(path, config)          ImageNet backbone file (.pth/.pt/.safetensors/.msgpack)
+  load_backbone(variables, config)     ... put in place of the model's backbone
+  read_model(path, model, config)      a model checkpoint (the authors' or ours) → variables
+  model_state_dict(variables, config)  variables → the reference's state_dict
+  backbone_state_dict(variables, name) bare backbone variables → its ImageNet file naming
+
+The reference's checkpoints name the backbone's modules at the top level (``layer0.4.weight``);
+ours keep them under ``backbone``. ``.pth`` files are read with ``torch.load(weights_only=True)``
+(never unpickled), ``.safetensors`` without torch, ``.msgpack`` is our own variables format.
+"""
+import collections
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fss_jax.convert import io
+from fss_jax.convert import keymap
+from fss_jax.convert import torch_export
+from fss_jax.convert import torch_import
+from fss_jax.models import backbones
+from fss_jax.models import registry
+
+BACKBONE_SCOPE = "backbone"
+
+
+def backbone_naming(name: str, scheme: str = "imagenet") -> keymap.Naming:
+  """The PyTorch naming of a bare backbone's variables (``layer0`` at the top of the tree)."""
+  return backbones.torch_naming(name, scheme)
+
+
+def model_naming(config) -> keymap.Naming:
+  """The PyTorch naming of the model ``config.model`` describes: its backbone in the 'model'
+  scheme at the top level, its head modules by the common rule, in registration order."""
+  spec = backbones.get(config.model.backbone)
+  order = registry.build_model(config).torch_order
+  module = keymap.scoped({BACKBONE_SCOPE: lambda path: spec.torch_module_path(path, "model")})
+  return keymap.Naming(module, spec.torch_order + tuple(order))
+
+
+def backbone_template(config) -> dict[str, Any]:
+  """ShapeDtypeStruct variables of the configured backbone (all layers; nothing computed)."""
+  module = backbones.build(config.model)
+  x = jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32)
+  return jax.eval_shape(module.init, jax.random.key(0), x)
+
+
+def backbone_from_state_dict(state_dict: Mapping[str, np.ndarray], config,
+                             scheme: str = "imagenet", source: str = "state_dict") -> dict:
+  """A backbone state_dict (ImageNet file naming, or the 'model' scheme) → its variables.
+
+  The ImageNet file's classifier (``fc.*``, ``classifier.*``) is ignored; any other missing,
+  unexpected or mis-shaped key raises ``torch_import.CheckpointMismatchError``.
+  """
+  name = config.model.backbone
+  ignore = backbones.get(name).imagenet_ignored if scheme == "imagenet" else ()
+  return torch_import.variables_from_torch(state_dict, backbone_template(config),
+                                           backbone_naming(name, scheme), ignore, source)
+
+
+def read_backbone(path: str, config) -> dict[str, Any]:
+  """ImageNet weights of the configured backbone: ``.pth``/``.pt``/``.safetensors`` in the
+  ImageNet file naming (``resnet50_v2.pth``, torchvision's ``vgg16_bn``) or a ``.msgpack``
+  written by ``scripts/convert_backbone.py``."""
+  if path.endswith(io.SUFFIX):
+    return io.load_variables(path)
+  return backbone_from_state_dict(torch_import.load_state_dict(path), config, source=path)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  return {"/".join(k): tuple(np.shape(v))
+          for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+
+
+def _check_like(got: Mapping[str, Any], want: Mapping[str, Any], what: str, hint: str):
+  """Raises ValueError unless the two trees have the same paths and shapes."""
+  g, w = _flat_shapes(got), _flat_shapes(want)
+  if g != w:
+    missing = sorted(set(w) - set(g))[:5]
+    extra = sorted(set(g) - set(w))[:5]
+    shape = [(k, g[k], w[k]) for k in sorted(set(g) & set(w)) if g[k] != w[k]][:5]
+    raise ValueError(f"{what} do not match the configured model ({hint}): missing {missing}, "
+                     f"unexpected {extra}, shape (file vs model) {shape}")
+
+
+def load_backbone(variables: Mapping[str, Any], config,
+                  path: str = "") -> dict[str, Any]:
+  """Replaces the ``backbone`` params and batch_stats of ``variables`` with the weights in
+  ``path`` (default ``config.model.backbone_weights``; see ``read_backbone``)."""
+  path = path or config.model.backbone_weights
+  loaded = read_backbone(path, config)
+  out = {c: dict(v) for c, v in variables.items()}
+  for collection in keymap.COLLECTIONS:
+    want = out.get(collection, {}).get(BACKBONE_SCOPE)
+    if want is None:
+      continue
+    got = loaded.get(collection)
+    if got is None:
+      raise ValueError(f"{path}: no {collection!r} collection for the backbone.")
+    _check_like(got, want, f"{path}: backbone {collection}",
+                "check config.model.backbone / depth / backbone_width / backbone_blocks")
+    out[collection][BACKBONE_SCOPE] = jax.tree.map(jnp.asarray, got)
+  return out
+
+
+def read_model(path: str, model, config) -> dict[str, Any]:
+  """A whole-model checkpoint → variables of ``model`` (validated against its shapes).
+
+  ``path``: the reference's ``.pth``/``.pt``/``.safetensors`` (its training checkpoints as they
+  are: ``{'state_dict': ...}`` with ``module.`` prefixes, or a bare state_dict) in the naming of
+  ``model_naming(config)``, or a ``.msgpack`` written by ``scripts/import_checkpoint.py``.
+  """
+  template = registry.variables_template(model, config.data.image_size, config.data.shot)
+  if path.endswith(io.SUFFIX):
+    variables = io.load_variables(path)
+    for collection in keymap.COLLECTIONS:
+      if collection in template or collection in variables:
+        _check_like(variables.get(collection, {}), template.get(collection, {}),
+                    f"{path}: {collection}", f"config.model.name = {config.model.name!r}")
+    return variables
+  return torch_import.variables_from_torch(torch_import.load_state_dict(path), template,
+                                           model_naming(config), source=path)
+
+
+def model_state_dict(variables: Mapping[str, Any], config
+                     ) -> "collections.OrderedDict[str, np.ndarray]":
+  """Whole-model variables → the reference checkpoint's state_dict (its keys, in its order),
+  which its model loads with ``load_state_dict(strict=True)``."""
+  return torch_export.state_dict_from_variables(variables, model_naming(config))
+
+
+def backbone_state_dict(variables: Mapping[str, Any], name: str
+                        ) -> "collections.OrderedDict[str, np.ndarray]":
+  """Bare backbone variables → its ImageNet file naming (no classifier)."""
+  return torch_export.state_dict_from_variables(variables, backbone_naming(name, "imagenet"))

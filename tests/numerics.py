@@ -1,0 +1,63 @@
+"""Parity bounds grounded in measured float32 noise (for every parity test).
+
+A float32 result can only match an oracle up to float32 rounding, and how large that rounding
+gets depends on the computation (53 batch-statistics BatchNorms amplify it; a frozen network does
+not) and on the CPU (AVX2, AVX-512 and AMX kernels sum in different orders). So a parity check
+runs the oracle twice, in float64 (the value) and in float32 (the noise gauge), and bounds ours:
+
+    rel_err(ours_float32, oracle_float64) <= FACTOR * rel_err(oracle_float32, oracle_float64) + FLOOR
+
+FACTOR = 4: ours and the oracle are two float32 roundings of one computation, with other
+summation orders (XLA vs oneDNN kernels); measured ratios ours/oracle were 0.5–2 (e.g. the
+deep-stem ResNet in batch-statistics mode, layer4: 1.28e-4 against PyTorch float32's 8.0e-5 on
+an AVX-512 EPYC). FLOOR = 2e-6 covers outputs whose oracle float32 error happens to be ~0
+(a few float32 ulps, 1.2e-7 each). A wrong eps, a dropped term or a mis-ordered concat moves
+results by 1e-3 or more, far above these bounds (see the tests' mutation notes).
+"""
+import numpy as np
+
+FACTOR = 4.0
+FLOOR = 2e-6
+
+
+def rel_err(a, b) -> float:
+  """max(‖a−b‖/‖b‖, max|a−b|/max|b|) in float64 (0 when both are all zeros)."""
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  scale_n, scale_m = np.linalg.norm(b), np.max(np.abs(b)) if b.size else 0.0
+  if scale_n == 0:
+    return float(np.max(np.abs(a))) if a.size else 0.0
+  return float(max(np.linalg.norm(a - b) / scale_n, np.max(np.abs(a - b)) / scale_m))
+
+
+def bound(want32, want64, factor: float = FACTOR, floor: float = FLOOR) -> float:
+  """The allowed error of a float32 result against ``want64``: factor × the float32 oracle's own
+  error + floor."""
+  return factor * rel_err(want32, want64) + floor
+
+
+# Exact mode: both sides in float64. Measured errors are 1e-14..1e-11 (ResNet-50 and VGG16-bn
+# forwards, head gradients); 1e-9 leaves room for deeper nets and other CPUs while any real
+# difference (a wrong eps, a dropped term) is orders of magnitude larger.
+EXACT = 1e-9
+
+
+def assert_exact(got, want64, name: str = "", limit: float = EXACT) -> float:
+  """Asserts rel_err(got, want64) <= EXACT for a float64 result of ours; returns the error."""
+  got = np.asarray(got)
+  assert got.dtype in (np.float64, np.int64, np.int32) or got.ndim == 0, (
+      f"{name}: expected a float64 result in exact mode, got {got.dtype}")
+  err = rel_err(got, want64)
+  assert err <= limit, f"{name}: relative error {err:.3g} > {limit:.3g} in float64"
+  return err
+
+
+def assert_parity(got, want64, want32, name: str = "", factor: float = FACTOR,
+                  floor: float = FLOOR) -> float:
+  """Asserts rel_err(got, want64) <= bound(want32, want64); returns the error."""
+  err = rel_err(got, want64)
+  limit = bound(want32, want64, factor, floor)
+  assert err <= limit, (f"{name}: relative error {err:.3g} > {limit:.3g} "
+                        f"(= {factor} x float32 oracle noise {rel_err(want32, want64):.3g} + "
+                        f"{floor:g})")
+  return err
