@@ -150,7 +150,27 @@ def test_state_roundtrip_dense_and_gather():
   assert again.miou() == meter.miou() and again.fbiou() == meter.fbiou()
   dense = metrics.FewShotMeter.from_dense(meter.to_dense(4), meter.classes)
   assert dense.state_dict() == meter.state_dict()
-  assert metrics.gather_meter(meter) is meter  # single process: no-op
+
+
+def test_gather_meter_sums_processes(monkeypatch):
+  """The multi-process path, with two simulated processes: every process gets the sum, the
+  largest class id seen anywhere sizes the dense table, counts beyond int32 survive."""
+  from jax.experimental import multihost_utils
+  a, b = metrics.FewShotMeter([1, 2, 3, 4]), metrics.FewShotMeter([1, 2, 3, 4])
+  for i, (cid, pred, label) in enumerate(_EPISODES):
+    (a if i % 2 else b).update(cid, *metrics.episode_stats(pred, label))
+  b.update(4, np.array([3_000_000_000, 5]), np.array([3_000_000_001, 9]))  # > 2^31
+  want = metrics.FewShotMeter([1, 2, 3, 4]).merge(a).merge(b)
+  max_id = max(a.seen_classes() + b.seen_classes())
+  # process_allgather returns (this process's value, the other's): first the largest class
+  # id, then the dense counts' high and low int32 halves.
+  theirs = iter([np.int32(max(b.seen_classes())), *metrics.split_int64(b.to_dense(max_id))])
+  monkeypatch.setattr(metrics.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([np.asarray(x), next(theirs)]))
+  got = metrics.gather_meter(a)
+  assert got.state_dict() == want.state_dict() != a.state_dict()
+  assert got.miou() == want.miou() and got.fbiou() == want.fbiou()
   with pytest.raises(ValueError, match="malformed"):
     metrics.FewShotMeter.from_state_dict({"counts": {"1": {"inter": [1, 2]}}})
 
