@@ -1,4 +1,5 @@
-"""Tiny fake raw datasets on disk, in the layouts the data_prep converters read.
+"""Tiny fake raw datasets on disk, in the layouts the data_prep converters read, and episode
+label maps for the models' parity tests (``episode_masks``).
 
 Every generator returns the ground truth it wrote (label maps, lists) so tests can compare the
 converted records against it without going through the converters' own decoding.
@@ -290,4 +291,25 @@ def make_folder(root, rng, num_images=8, num_classes=4, binary=False, classes_tx
   if classes_txt and not binary:
     with open(os.path.join(root, "classes.txt"), "w") as f:
       f.write("".join(f"class_{c}\n" for c in range(1, num_classes + 1)))
+  return labels
+
+
+# ----------------------------------------------------------------------------- episodes
+
+
+def episode_masks(rng, b: int, k: int, size: int, empty=(), tiny=()) -> np.ndarray:
+  """Support labels (B,K,S,S) int64 in {0,1,255}: an ellipse of 1s per shot and a 3-row ignore
+  border. (episode, shot) pairs in ``empty`` get no foreground, those in ``tiny`` an ellipse of
+  radius 0.02·S (too small for ASGNet's clustering: its masked-average fallback)."""
+  yy, xx = np.mgrid[:size, :size]
+  labels = np.zeros((b, k, size, size), np.int64)
+  for i in range(b):
+    for j in range(k):
+      cy, cx = rng.uniform(0.3, 0.7, 2) * size
+      ry, rx = rng.uniform(0.15, 0.35, 2) * size
+      if (i, j) in tiny:
+        ry = rx = 0.02 * size
+      if (i, j) not in empty:
+        labels[i, j][((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = 1
+      labels[i, j, :3] = 255
   return labels

@@ -16,6 +16,8 @@ from fss_jax import weights
 from fss_jax.convert import torch_import
 from fss_jax.models import asgnet
 from fss_jax.models import losses
+from fss_jax.models import registry
+import datagen
 from tests import torch_asgnet_ref as ref
 from tests import torch_resnet_ref
 
@@ -28,22 +30,6 @@ def _rel(a, b):
   return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
 
 
-def _masks(rng, b, k, size, tiny_shot=None):
-  """Support labels (B,K,S,S) in {0,1,255}: an ellipse per shot plus an ignore border."""
-  yy, xx = np.mgrid[:size, :size]
-  labels = np.zeros((b, k, size, size), np.int64)
-  for i in range(b):
-    for j in range(k):
-      cy, cx = rng.uniform(0.3, 0.7, 2) * size
-      ry, rx = rng.uniform(0.15, 0.35, 2) * size
-      if tiny_shot is not None and (i, j) == tiny_shot:
-        ry = rx = 0.02 * size  # too small for clustering → masked-average fallback
-      m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-      labels[i, j][m] = 1
-      labels[i, j, :3] = 255
-  return labels
-
-
 def _setup(size, shot, batch, seed=0):
   torch.manual_seed(seed)
   # He-scaled random weights and random BN statistics. (PyTorch's default conv init shrinks the
@@ -53,9 +39,9 @@ def _setup(size, shot, batch, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
   s_x = rng.normal(size=(batch, shot, 3, size, size)).astype(np.float32)
-  tiny = (0, 0) if batch * shot > 1 else None  # one shot too small for clustering
-  s_y = _masks(rng, batch, shot, size, tiny_shot=tiny)
-  y = _masks(rng, batch, 1, size)[:, 0]
+  tiny = ((0, 0),) if batch * shot > 1 else ()  # one shot too small for clustering
+  s_y = datagen.episode_masks(rng, batch, shot, size, tiny=tiny)
+  y = datagen.episode_masks(rng, batch, 1, size)[:, 0]
   seeds = np.stack([[ref.place_seed_points((s_y[i, j] == 1).astype(np.float32))
                      for j in range(shot)] for i in range(batch)])
 
@@ -156,7 +142,7 @@ def test_head_param_count():
   shapes = jax.eval_shape(lambda: net.init(
       jax.random.key(0), jnp.zeros((1, 65, 65, 3)), jnp.zeros((1, 1, 65, 65, 3)),
       jnp.zeros((1, 1, 65, 65), jnp.int32), train=False))
-  assert asgnet.head_param_count(shapes["params"]) == 10_423_818
+  assert registry.head_param_count(shapes["params"]) == 10_423_818
 
 
 @pytest.mark.parametrize("shot", [1, 5])

@@ -27,9 +27,10 @@ import torch
 from fss_jax import configs_lib
 from fss_jax import weights
 from fss_jax.convert import torch_import
-from fss_jax.models import asgnet
+from fss_jax.models import prior as prior_lib
 from fss_jax.models import registry
 from fss_jax.train import step as step_lib
+import datagen
 import numerics
 from tests import torch_pfenet_ref as ref
 from tests import torch_resnet_ref
@@ -46,21 +47,6 @@ def _config(backbone, bins=(60, 30, 15, 8), bn_mode="frozen"):
   return config
 
 
-def _masks(rng, b, k, size, empty=()):
-  """Support labels (B,K,S,S) in {0,1,255}: an ellipse per shot and an ignore border; the
-  (episode, shot) pairs in ``empty`` get no foreground at all."""
-  yy, xx = np.mgrid[:size, :size]
-  labels = np.zeros((b, k, size, size), np.int64)
-  for i in range(b):
-    for j in range(k):
-      cy, cx = rng.uniform(0.3, 0.7, 2) * size
-      ry, rx = rng.uniform(0.15, 0.35, 2) * size
-      if (i, j) not in empty:
-        labels[i, j][((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = 1
-      labels[i, j, :3] = 255
-  return labels
-
-
 class Case:
   """One oracle model (float32 and float64 copies), our model and variables, and inputs."""
 
@@ -73,8 +59,8 @@ class Case:
     rng = np.random.default_rng(seed)
     self.x = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
     self.s_x = rng.normal(size=(batch, shot, 3, size, size)).astype(np.float32)
-    self.s_y = _masks(rng, batch, shot, size, empty)
-    self.y = _masks(rng, batch, 1, size)[:, 0]
+    self.s_y = datagen.episode_masks(rng, batch, shot, size, empty)
+    self.y = datagen.episode_masks(rng, batch, 1, size)[:, 0]
     self.config = _config(backbone, bins, bn_mode)
     self.net = registry.build_model(self.config)
     template = registry.variables_template(self.net, size, shot)
@@ -190,9 +176,31 @@ def _check_train_step(case):
 def test_head_param_counts(backbone, head):
   """reference_pfenet.md §6; the VGG backbone has 14,723,136 learnable parameters (§1)."""
   params = registry.variables_template(registry.build_model(_config(backbone)))["params"]
-  assert asgnet.head_param_count(params) == head
+  assert registry.head_param_count(params) == head
   if backbone == "vgg16_bn":
     assert sum(x.size for x in jax.tree.leaves(params["backbone"])) == 14_723_136
+
+
+# ---- the prior alone ----
+
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_prior_mask_matches_reference(scale):
+  """prior.prior_mask against the transcription's, in float64, including features so small
+  that the eps on the product of norms (1e-7, not a per-vector clamp) decides the value, and a
+  shot with an empty mask (its map is exactly 0)."""
+  rng = np.random.default_rng(4)
+  b, k, h, size = 2, 3, 7, 49
+  q4 = np.maximum(rng.normal(size=(b, 16, h, h)), 0) * scale
+  s4 = np.maximum(rng.normal(size=(b, k, 16, h, h)), 0) * scale
+  fg = (datagen.episode_masks(rng, b, k, size, empty=((1, 2),)) == 1).astype(np.float64)
+  maps = [ref.prior_mask(torch.from_numpy(q4), torch.from_numpy(s4[:, i]),
+                         torch.from_numpy(fg[:, i:i + 1]), (h, h)) for i in range(k)]
+  want = torch.cat(maps, 1).mean(1).numpy()
+  with jax.enable_x64(True):
+    got = prior_lib.prior_mask(q4.transpose(0, 2, 3, 1), s4.transpose(0, 1, 3, 4, 2), fg,
+                               (h, h))
+    numerics.assert_exact(np.asarray(got)[..., 0], want, "prior")
+  assert np.abs(maps[2][1].numpy()).max() == 0.0  # the empty shot
 
 
 # ---- eval forward: prior, prototypes, logits ----

@@ -150,12 +150,6 @@ class ASGNet(nn.Module):
     return losses.fem_model_loss(out, batch, self.aux_weight)
 
 
-def head_param_count(params) -> int:
-  """Number of learnable head parameters (everything outside the backbone)."""
-  return sum(x.size for name, sub in params.items() if name != "backbone"
-             for x in jax.tree.leaves(sub))
-
-
 # ----------------------------------------------------------------------------- config
 
 
@@ -174,8 +168,6 @@ def from_config(config) -> ASGNet:
   """The ASGNet of ``config.model`` (backbone frozen unless ``train.frozen_keys`` lacks it)."""
   m = config.model
   return ASGNet(
-      backbone=backbones.build(m), bins=tuple(m.bins), reduce_dim=int(m.reduce_dim),
+      **backbones.model_fields(config), bins=tuple(m.bins), reduce_dim=int(m.reduce_dim),
       max_sp=int(m.max_sp), train_iters=int(m.train_iters), eval_iters=int(m.eval_iters),
-      bn_batch_stats=m.bn_mode == "batch_stats",
-      train_backbone="backbone" not in tuple(config.train.frozen_keys),
       aux_weight=float(config.train.aux_weight))

@@ -82,6 +82,15 @@ def build(model_config) -> nn.Module:
   return get(model_config.backbone).build(model_config)
 
 
+def model_fields(config) -> dict[str, Any]:
+  """The backbone fields every model takes from a config: ``backbone`` (the module),
+  ``bn_batch_stats`` (``model.bn_mode == 'batch_stats'``) and ``train_backbone`` (the backbone
+  is not among ``train.frozen_keys``)."""
+  return {"backbone": build(config.model),
+          "bn_batch_stats": config.model.bn_mode == "batch_stats",
+          "train_backbone": "backbone" not in tuple(config.train.frozen_keys)}
+
+
 def torch_naming(name: str, scheme: str = "imagenet") -> keymap.Naming:
   """The PyTorch naming of a bare backbone's variables (``layer0`` at the top of the tree)."""
   spec = get(name)

@@ -161,8 +161,5 @@ def model_config() -> ml_collections.ConfigDict:
 def from_config(config) -> PFENet:
   """The PFENet of ``config.model`` (backbone frozen unless ``train.frozen_keys`` lacks it)."""
   m = config.model
-  return PFENet(
-      backbone=backbones.build(m), bins=tuple(m.bins), reduce_dim=int(m.reduce_dim),
-      bn_batch_stats=m.bn_mode == "batch_stats",
-      train_backbone="backbone" not in tuple(config.train.frozen_keys),
-      aux_weight=float(config.train.aux_weight))
+  return PFENet(**backbones.model_fields(config), bins=tuple(m.bins),
+                reduce_dim=int(m.reduce_dim), aux_weight=float(config.train.aux_weight))

@@ -68,3 +68,9 @@ def variables_template(model: nn.Module, image_size: int = 65,
   Parameter shapes do not depend on the input size, so a small one is the default.
   """
   return jax.eval_shape(_init_fn(model, image_size, shot), jax.random.key(0))
+
+
+def head_param_count(params) -> int:
+  """Number of learnable head parameters (everything outside the backbone)."""
+  return sum(x.size for name, sub in params.items() if name != "backbone"
+             for x in jax.tree.leaves(sub))

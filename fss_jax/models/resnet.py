@@ -175,7 +175,7 @@ class ResNet(nn.Module):
     """
     if self.blocks is None and self.depth not in BLOCKS:
       raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS)}, got {self.depth}")
-    first, last = _layer_range(start, upto)
+    first, last = layer_range(start, upto)
     if first == 0:
       if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"ResNet expects (B,H,W,3) inputs, got shape {x.shape}")
@@ -199,7 +199,8 @@ class ResNet(nn.Module):
     return feats
 
 
-def _layer_range(start: str, upto: str) -> tuple[int, int]:
+def layer_range(start: str, upto: str) -> tuple[int, int]:
+  """(first, last) indices into ``LAYERS`` of a ``start``..``upto`` run; raises on bad names."""
   for name, value in (("start", start), ("upto", upto)):
     if value not in LAYERS:
       raise ValueError(f"{name} must be one of {LAYERS}, got {value!r}")

@@ -62,7 +62,7 @@ class VGG16BN(nn.Module):
       {'layer0': (B,H/2,W/2,64), 'layer1': (·/4,128), 'layer2': (·/8,256), 'layer3': (·/16,512),
        'layer4': (·/16,512)} for the layers run (sides rounded up at every pool).
     """
-    first, last = resnet._layer_range(start, upto)  # pylint: disable=protected-access
+    first, last = resnet.layer_range(start, upto)
     if first == 0 and (x.ndim != 4 or x.shape[-1] != 3):
       raise ValueError(f"VGG16BN expects (B,H,W,3) inputs, got shape {x.shape}")
     x = x.astype(self.dtype)
