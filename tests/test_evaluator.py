@@ -49,10 +49,11 @@ def test_resize_to_original_matches_torch_interpolate(sides):
     assert not np.any(got[b, side:]) and not np.any(got[b, :, side:])
 
 
-def _loop_meter(model, variables, dataset_dir, num_episodes, seed, which, original=False):
+def _loop_meter(model, variables, dataset_dir, num_episodes, seed, which, original=False,
+                shot=1):
   """Oracle: one episode at a time, no padding, no sharding, numpy scoring."""
   manifest = schema.load_manifest(dataset_dir)
-  eps = episodes.eval_episode_list(manifest, "val", 0, 1, num_episodes, seed, MIN_PIXELS,
+  eps = episodes.eval_episode_list(manifest, "val", 0, shot, num_episodes, seed, MIN_PIXELS,
                                    which=which)
   reader = manifest.source("val").reader
   meter = metrics.FewShotMeter(episodes.fold_classes(manifest, 0, which))
@@ -66,8 +67,10 @@ def _loop_meter(model, variables, dataset_dir, num_episodes, seed, which, origin
   forward = jax.jit(lambda v, q, s, sl: model.apply(v, q, s, sl, train=False)["logits"])
   for ep in eps:
     q, ql, orig = load(ep.query, ep.class_id)
-    s, sl, _ = load(ep.supports[0], ep.class_id)
-    logits = np.array(forward(variables, q[None], s[None, None], sl[None, None])[0])
+    supports = [load(i, ep.class_id)[:2] for i in ep.supports]
+    s = np.stack([x for x, _ in supports])[None]
+    sl = np.stack([y for _, y in supports])[None]
+    logits = np.array(forward(variables, q[None], s, sl)[0])
     if original:
       side = max(orig.shape)
       up = F.interpolate(torch.from_numpy(logits).permute(2, 0, 1)[None], size=(side, side),
@@ -101,6 +104,22 @@ def test_evaluator_equals_a_per_episode_loop(model_and_variables, dataset_dir, w
   assert result.classes == episodes.fold_classes(manifest, 0, which)
   assert (set(result.classes) & set(manifest.novel_folds[0])) == (
       set(manifest.novel_folds[0]) if which == "novel" else set())
+
+
+def test_pfenet_evaluated_with_other_shots_than_trained(dataset_dir):
+  """PFENet's protocol: a model initialised (and trained) 1-shot, evaluated 2-shot through
+  ``data.eval_shot``; the evaluator equals the per-episode loop for any registered model."""
+  config = configs_lib.load_config("configs/tiny_pfenet.py")
+  config.data.eval_shot, config.data.image_size = 2, SIZE
+  config.data.eval_episodes, config.data.eval_batch_size = 5, 2
+  config.data.min_class_pixels = MIN_PIXELS
+  model = registry.build_model(config)
+  variables = registry.init_variables(model, SIZE, config.data.shot, jax.random.key(4))
+  ev = E.from_config(config, model, sharding.make_mesh(), dataset_dir)
+  assert (ev.shot, config.data.shot) == (2, 1)
+  result = ev.run(variables, seed=3)
+  want = _loop_meter(model, variables, dataset_dir, 5, 3, "novel", shot=2)
+  assert result.meter.state_dict()["counts"] == want.state_dict()["counts"]
 
 
 def test_multi_seed_protocol_reports_mean_and_std(model_and_variables, dataset_dir):

@@ -17,7 +17,10 @@ Evaluation: the fixed list of `episodes.eval_episodes` (exactly N), sliced per p
 padded so that every process yields the same number of full batches; padding rows repeat
 episode 0 and carry `valid == False`.
 
-Element layout (batched, B = per-process batch size, K = shot, S = image size):
+Element layout, the batch contract between data, train steps and evaluator: models name the
+entries they read (``model.inputs``, passed to ``__call__`` by name, and ``model.targets``, read
+by their loss; fss_jax/models/registry.py). Batched, B = per-process batch size, K = shot,
+S = image size:
   query        float32 (B, S, S, 3)   normalised RGB
   query_label  uint8   (B, S, S)      {0 background, 1 class, 255 ignore}
   supp_images  float32 (B, K, S, S, 3)
