@@ -155,7 +155,7 @@ def _run_sgc(case, warmup, repeats):
   return _time(lambda: jax.block_until_ready(part(feat, qf, lab)), warmup, repeats)
 
 
-def run_jax(case, warmup, repeats):
+def run_jax(case, warmup, repeats, train_bn="batch_stats"):
   import fss_jax  # noqa: F401  (sets XLA's CPU flags before JAX starts its backend)
   import jax
   from fss_jax import configs_lib
@@ -172,7 +172,7 @@ def run_jax(case, warmup, repeats):
   config.data.image_size = case.size
   config.data.train_batch_size = case.batch
   if case.kind == "train":
-    config.model.bn_mode = "batch_stats"  # the official scripts' train mode: the same work
+    config.model.bn_mode = train_bn  # batch_stats: the official scripts' train mode
   model = registry.build_model(config)
   variables = jax.device_put(
       registry.init_variables(model, case.size, case.shot, jax.random.key(0)))
@@ -265,8 +265,10 @@ def run_torch(case, warmup, repeats):
 
 def _child(args):
   case = parse_case(args.case)
-  fn = run_jax if args.impl == "jax" else run_torch
-  median = fn(case, args.warmup, args.repeats)
+  if args.impl == "jax":
+    median = run_jax(case, args.warmup, args.repeats, args.train_bn)
+  else:
+    median = run_torch(case, args.warmup, args.repeats)
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(json.dumps({"median_s": median, "peak_mb": peak_mb}))
 
@@ -292,6 +294,10 @@ def main():
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+  p.add_argument("--train_bn", choices=["batch_stats", "frozen"], default="batch_stats",
+                 help="fss_jax's backbone BN in the train cases: batch_stats (the official "
+                      "scripts' work, default) or frozen (fss_jax's default config; the "
+                      "baseline keeps the official batch statistics)")
   p.add_argument("--impl", choices=["jax", "torch"], help=argparse.SUPPRESS)
   p.add_argument("--case", help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -309,7 +315,8 @@ def main():
     res = {}
     for impl in impls:
       cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--case", name,
-             "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+             "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+             "--train_bn", args.train_bn]
       print(f"[{name}] {impl} ...", file=sys.stderr, flush=True)
       out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
       if out.returncode != 0:
@@ -321,7 +328,8 @@ def main():
 
   models = sorted({parse_case(n).model for n in names})
   print(f"\nModel speed on CPU ({os.cpu_count()} cores), median of {args.repeats} after "
-        f"{args.warmup} warm-up; random weights; peak = process max RSS")
+        f"{args.warmup} warm-up; random weights; peak = process max RSS; fss_jax train "
+        f"cases with {args.train_bn} backbone BN")
   if not args.no_torch:
     print("Baseline (PyTorch, same run):")
     for m in models:
