@@ -1,6 +1,7 @@
 """train_and_evaluate in-process on the tiny config: signals, NaN stop, base-class selection."""
 import json
 import os
+import runpy
 import signal
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from fss_jax import configs_lib
 from fss_jax.convert import torch_export
+from fss_jax.convert import torch_import
 from fss_jax import weights
 from fss_jax.models import registry
 from fss_jax.train import checkpoint as ckpt_lib
@@ -58,6 +60,17 @@ def test_sigterm_saves_and_the_next_run_resumes(data_dir, tmp_path):
   final = json.load(open(os.path.join(workdir, "final_metrics.json")))
   best = max(selections, key=lambda r: r[ckpt_lib.BEST_METRIC])["step"]
   assert final["checkpoint_step"] == best
+
+  # The run directory exports to PyTorch with the config it saved (scripts/export_torch.py).
+  export = runpy.run_path("scripts/export_torch.py", run_name="script")["main"]
+  path = str(tmp_path / "run.safetensors")
+  export(["--input", workdir, "--step", "latest", "--output", path])
+  variables, _ = ckpt_lib.load_model_variables(workdir, "latest")
+  want = weights.model_state_dict(variables, config)
+  got = torch_import.load_state_dict(path)
+  assert list(got) == list(want) and "corr_conv.0.0.weight" in want
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
   assert set(final["per_seed"][0]["per_class"]) == {"1", "2", "3", "4", "5"}  # fold 0 novel
   assert final["miou"]["mean"] == pytest.approx(out["final"]["miou"]["mean"])
 
