@@ -33,7 +33,8 @@ BACKBONE_SCOPE = "backbone"
 
 def backbone_naming(name: str, scheme: str = "imagenet") -> keymap.Naming:
   """The PyTorch naming of a bare backbone's variables (``layer0`` at the top of the tree)."""
-  return backbones.torch_naming(name, scheme)
+  spec = backbones.get(name)
+  return keymap.Naming(lambda path: spec.torch_module_path(path, scheme), spec.torch_order)
 
 
 def model_naming(config) -> keymap.Naming:

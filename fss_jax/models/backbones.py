@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fss_jax.convert import keymap
 from fss_jax.models import ops
 from fss_jax.models import resnet
 from fss_jax.models import vgg
@@ -89,12 +88,6 @@ def model_fields(config) -> dict[str, Any]:
   return {"backbone": build(config.model),
           "bn_batch_stats": config.model.bn_mode == "batch_stats",
           "train_backbone": "backbone" not in tuple(config.train.frozen_keys)}
-
-
-def torch_naming(name: str, scheme: str = "imagenet") -> keymap.Naming:
-  """The PyTorch naming of a bare backbone's variables (``layer0`` at the top of the tree)."""
-  spec = get(name)
-  return keymap.Naming(lambda path: spec.torch_module_path(path, scheme), spec.torch_order)
 
 
 # ----------------------------------------------------------------------------- use in models
