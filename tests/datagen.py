@@ -297,10 +297,11 @@ def make_folder(root, rng, num_images=8, num_classes=4, binary=False, classes_tx
 # ----------------------------------------------------------------------------- episodes
 
 
-def episode_masks(rng, b: int, k: int, size: int, empty=(), tiny=()) -> np.ndarray:
+def episode_masks(rng, b: int, k: int, size: int, empty=(), tiny=(),
+                  tiny_radius: float = 0.02) -> np.ndarray:
   """Support labels (B,K,S,S) int64 in {0,1,255}: an ellipse of 1s per shot and a 3-row ignore
-  border. (episode, shot) pairs in ``empty`` get no foreground, those in ``tiny`` an ellipse of
-  radius 0.02·S (too small for ASGNet's clustering: its masked-average fallback)."""
+  border. (episode, shot) pairs in ``empty`` get no foreground, those in ``tiny`` a disc of
+  radius tiny_radius·S (too small for ASGNet's clustering: its masked-average fallback)."""
   yy, xx = np.mgrid[:size, :size]
   labels = np.zeros((b, k, size, size), np.int64)
   for i in range(b):
@@ -308,7 +309,7 @@ def episode_masks(rng, b: int, k: int, size: int, empty=(), tiny=()) -> np.ndarr
       cy, cx = rng.uniform(0.3, 0.7, 2) * size
       ry, rx = rng.uniform(0.15, 0.35, 2) * size
       if (i, j) in tiny:
-        ry = rx = 0.02 * size
+        ry = rx = tiny_radius * size
       if (i, j) not in empty:
         labels[i, j][((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = 1
       labels[i, j, :3] = 255

@@ -14,10 +14,32 @@ an AVX-512 EPYC). FLOOR = 2e-6 covers outputs whose oracle float32 error happens
 (a few float32 ulps, 1.2e-7 each). A wrong eps, a dropped term or a mis-ordered concat moves
 results by 1e-3 or more, far above these bounds (see the tests' mutation notes).
 """
+import json
+import os
+
 import numpy as np
 
 FACTOR = 4.0
 FLOOR = 2e-6
+# FSS_NUMERICS_LOG=path appends one JSON line per comparison (test, name, error, oracle noise,
+# bound), e.g. to measure the ratios above on a new CPU:
+#   FSS_NUMERICS_LOG=/tmp/n.jsonl python -m pytest -q tests/test_*parity*.py tests/test_resnet.py
+LOG = os.environ.get("FSS_NUMERICS_LOG")
+
+
+def _log(name, err, noise=None, limit=None):
+  if LOG:
+    with open(LOG, "a") as f:
+      f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+                          "name": name, "err": err, "noise": noise, "bound": limit}) + "\n")
+
+
+def child_xla_flags(*flags: str) -> str:
+  """XLA_FLAGS for a test's subprocess: ``flags`` plus this process's instruction-set limit
+  (``--xla_cpu_max_isa=...``, see tests/README.md), so a suite run under the AVX2 restriction
+  restricts its subprocesses too."""
+  isa = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_cpu_max_isa")]
+  return " ".join(isa + list(flags))
 
 
 def rel_err(a, b) -> float:
@@ -48,6 +70,7 @@ def assert_exact(got, want64, name: str = "", limit: float = EXACT) -> float:
   assert got.dtype in (np.float64, np.int64, np.int32) or got.ndim == 0, (
       f"{name}: expected a float64 result in exact mode, got {got.dtype}")
   err = rel_err(got, want64)
+  _log(name, err, None, limit)
   assert err <= limit, f"{name}: relative error {err:.3g} > {limit:.3g} in float64"
   return err
 
@@ -57,6 +80,7 @@ def assert_parity(got, want64, want32, name: str = "", factor: float = FACTOR,
   """Asserts rel_err(got, want64) <= bound(want32, want64); returns the error."""
   err = rel_err(got, want64)
   limit = bound(want32, want64, factor, floor)
+  _log(name, err, rel_err(want32, want64), limit)
   assert err <= limit, (f"{name}: relative error {err:.3g} > {limit:.3g} "
                         f"(= {factor} x float32 oracle noise {rel_err(want32, want64):.3g} + "
                         f"{floor:g})")

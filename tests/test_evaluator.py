@@ -15,6 +15,7 @@ from fss_jax.models import registry
 from fss_jax.train import evaluator as E
 from fss_jax.train import metrics
 from fss_jax.train import sharding
+import numerics
 
 SIZE = 41
 MIN_PIXELS = 64
@@ -43,9 +44,11 @@ def test_resize_to_original_matches_torch_interpolate(sides):
   got = np.asarray(E.resize_to_original(x, np.asarray(sides), canvas))
   assert got.shape == (len(sides), canvas, canvas)
   for b, side in enumerate(sides):
-    want = F.interpolate(torch.from_numpy(x[b])[None, None], size=(side, side),
-                         mode="bilinear", align_corners=True)[0, 0].numpy()
-    np.testing.assert_allclose(got[b, :side, :side], want, rtol=1e-5, atol=1e-5)
+    want64, want32 = (F.interpolate(torch.from_numpy(x[b])[None, None].to(dtype),
+                                    size=(side, side), mode="bilinear",
+                                    align_corners=True)[0, 0].numpy()
+                      for dtype in (torch.float64, torch.float32))
+    numerics.assert_parity(got[b, :side, :side], want64, want32, f"side {side}")
     assert not np.any(got[b, side:]) and not np.any(got[b, :, side:])
 
 

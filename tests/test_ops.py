@@ -1,4 +1,9 @@
-"""Parity of fss_jax.models.ops with the PyTorch ops they reproduce."""
+"""Parity of fss_jax.models.ops with the PyTorch ops they reproduce.
+
+Each op runs on both sides in float64 (ours under jax.enable_x64: equal to numerics.EXACT) and
+in float32 (ours against PyTorch float64, within numerics' multiple of PyTorch float32's own
+error), forward and gradient of <out, w> for a random cotangent w.
+"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,17 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from fss_jax.models import ops
-
-RTOL = 1e-5
-ATOL = 1e-5
+import numerics
 
 
 def _rand(shape, seed=0):
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _to_nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).double()
+def _to_nchw(x, dtype=torch.float64):
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dtype)
 
 
 def _to_nhwc(t):
@@ -26,18 +29,30 @@ def _to_nhwc(t):
 
 
 def _check_op_and_grad(jax_fn, torch_fn, x, out_shape):
-  """Compares forward and the gradient of <out, w> for a random cotangent w."""
+  """Compares forward and the gradient of <out, w> for a random cotangent w, float64 exactly
+  and float32 within the float32 noise of the PyTorch op."""
   w = _rand(out_shape, seed=1)
-  out = jax.jit(jax_fn)(jnp.asarray(x))
-  grad = jax.grad(lambda v: jnp.sum(jax_fn(v) * w))(jnp.asarray(x))
 
-  xt = _to_nchw(x).requires_grad_(True)
-  out_t = torch_fn(xt)
-  (out_t * _to_nchw(w)).sum().backward()
+  def ours(dtype):
+    v, c = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+    return jax.jit(jax_fn)(v), jax.grad(lambda v: jnp.sum(jax_fn(v) * c))(v)
 
-  assert out.shape == out_shape
-  np.testing.assert_allclose(np.asarray(out), _to_nhwc(out_t), rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(np.asarray(grad), _to_nhwc(xt.grad), rtol=RTOL, atol=ATOL)
+  want = {}
+  for dtype in (torch.float64, torch.float32):
+    xt = _to_nchw(x, dtype).requires_grad_(True)
+    out_t = torch_fn(xt)
+    (out_t * _to_nchw(w, dtype)).sum().backward()
+    want[dtype] = (_to_nhwc(out_t), _to_nhwc(xt.grad))
+
+  with jax.enable_x64(True):
+    out, grad = ours(jnp.float64)
+    numerics.assert_exact(out, want[torch.float64][0], "forward")
+    numerics.assert_exact(grad, want[torch.float64][1], "grad")
+  out, grad = ours(jnp.float32)
+  assert out.shape == out_shape and out.dtype == jnp.float32
+  for name, got, w64, w32 in zip(("forward", "grad"), (out, grad), want[torch.float64],
+                                 want[torch.float32]):
+    numerics.assert_parity(got, w64, w32, name)
 
 
 RESIZE_CASES = [
@@ -74,6 +89,7 @@ def test_resize_bilinear_ac_hand_case():
   # 1-D ramp 0..3 resized 4 -> 7: source coords i * 3 / 6 = i / 2.
   x = jnp.arange(4.0).reshape(1, 4, 1, 1)
   out = ops.resize_bilinear_ac(x, (7, 1))
+  # i/2 is exact in binary; 1e-7 allows one ulp of the interpolation weights' rounding.
   np.testing.assert_allclose(np.asarray(out).ravel(), np.arange(7) / 2.0, rtol=0, atol=1e-7)
 
 
@@ -113,6 +129,7 @@ def test_adaptive_avg_pool_hand_case():
   # 5 -> 3 bins: [0, 2), [1, 4), [3, 5) overlap.
   x = jnp.asarray([0.0, 1.0, 2.0, 3.0, 4.0]).reshape(1, 5, 1, 1)
   out = ops.adaptive_avg_pool(x, (3, 1))
+  # means of 2-3 small integers: exact in binary up to the division's ulp.
   np.testing.assert_allclose(np.asarray(out).ravel(), [0.5, 2.0, 3.5], rtol=0, atol=1e-7)
 
 
@@ -130,7 +147,11 @@ def test_masked_average_pool_matches_formula():
   num = F.avg_pool2d(ft * mt, (h, w)) * h * w
   area = F.avg_pool2d(mt, (h, w)) * h * w + 0.0005
   expected = (num / area)[:, :, 0, 0].numpy()
-  np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
+  with jax.enable_x64(True):
+    numerics.assert_exact(ops.masked_average_pool(jnp.asarray(feat, jnp.float64),
+                                                  jnp.asarray(mask, jnp.float64)), expected)
+  # float32: a mean of 30 products, a few ulps (1.2e-7) relative; 1e-6 is ~8 ulps.
+  assert numerics.rel_err(out, expected) <= 1e-6
   np.testing.assert_array_equal(out[1], 0.0)
 
 
@@ -145,42 +166,55 @@ def _cos_inputs():
 
 
 def test_cosine_similarity_matches_torch_forward_and_grad():
+  """Forward and gradients, with a zero vector and vectors whose norm is below or just below
+  the eps on the product of norms (gradients there are ~1/eps)."""
   a, b = _cos_inputs()
   w = _rand((2, 4, 5), seed=5)
   f = lambda x, y: ops.cosine_similarity(x, y, axis=-1)
-  out = jax.jit(f)(a, b)
-  ga, gb = jax.grad(lambda x, y: jnp.sum(f(x, y) * w), argnums=(0, 1))(a, b)
 
-  at = torch.from_numpy(a).double().requires_grad_(True)
-  bt = torch.from_numpy(b).double().requires_grad_(True)
-  out_t = F.cosine_similarity(at, bt, dim=-1, eps=1e-7)
-  (out_t * torch.from_numpy(w).double()).sum().backward()
+  def ours(dtype):
+    x, y, c = (jnp.asarray(v, dtype) for v in (a, b, w))
+    return (jax.jit(f)(x, y),) + jax.grad(lambda x, y: jnp.sum(f(x, y) * c), argnums=(0, 1))(x, y)
 
-  assert out.shape == (2, 4, 5)
-  np.testing.assert_allclose(np.asarray(out), out_t.detach().numpy(), rtol=RTOL, atol=ATOL)
-  assert np.all(np.asarray(out)[0, :, 0] == 0.0)
-  assert np.all(np.isfinite(np.asarray(ga))) and np.all(np.isfinite(np.asarray(gb)))
-  # Gradients near the clamp are ~1/eps; compare relative to each vector's scale.
-  np.testing.assert_allclose(np.asarray(ga), at.grad.numpy(), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(gb), bt.grad.numpy(), rtol=1e-4, atol=1e-5)
+  want = {}
+  for dtype in (torch.float64, torch.float32):
+    at = torch.from_numpy(a).to(dtype).requires_grad_(True)
+    bt = torch.from_numpy(b).to(dtype).requires_grad_(True)
+    out_t = F.cosine_similarity(at, bt, dim=-1, eps=1e-7)
+    (out_t * torch.from_numpy(w).to(dtype)).sum().backward()
+    want[dtype] = (out_t.detach().numpy(), at.grad.numpy(), bt.grad.numpy())
+
+  names = ("forward", "grad_a", "grad_b")
+  with jax.enable_x64(True):
+    for name, got, w64 in zip(names, ours(jnp.float64), want[torch.float64]):
+      numerics.assert_exact(got, w64, name)
+  got32 = ours(jnp.float32)
+  assert got32[0].shape == (2, 4, 5)
+  assert np.all(np.asarray(got32[0])[0, :, 0] == 0.0)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in got32)
+  for name, got, w64, w32 in zip(names, got32, want[torch.float64], want[torch.float32]):
+    numerics.assert_parity(got, w64, w32, name)
 
 
 def test_cosine_similarity_other_axis_and_matmul_form():
   a, b = _cos_inputs()
   # Channel axis first: same numbers.
   out = ops.cosine_similarity(np.moveaxis(a, -1, 0), np.moveaxis(b, -1, 0), axis=0)
+  # Same reductions over another axis; XLA may order the 8-term sums differently: a few ulps.
   np.testing.assert_allclose(np.asarray(out), np.asarray(ops.cosine_similarity(a, b)),
                              rtol=1e-6, atol=1e-7)
   # GPA computes cosine as normalize_l2(q) @ normalize_l2(p).T.
   q, p = a.reshape(-1, 8), b.reshape(-1, 8)
   mat = ops.normalize_l2(q) @ ops.normalize_l2(p).T
   direct = ops.cosine_similarity(q[:, None], p[None])
+  # Two float32 formulas of one value (normalise-then-dot vs dot-over-norms): ~10 ulps apart.
   np.testing.assert_allclose(np.asarray(mat), np.asarray(direct), rtol=1e-5, atol=1e-6)
 
 
 def test_normalize_l2_values():
   x = np.array([[3.0, 4.0], [0.0, 0.0], [3e-8, 4e-8]], np.float32)
   out = np.asarray(ops.normalize_l2(jnp.asarray(x)))
+  # 0.6 etc. are not float32-representable: the result is within an ulp or two (rtol 1e-6).
   np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0], [0.3, 0.4]], rtol=1e-6)
 
 

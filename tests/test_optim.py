@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fss_jax.train import optim
+import numerics
 
 
 def _config(lr=0.025, momentum=0.9, weight_decay=1e-4, total_steps=8, **extra):
@@ -17,6 +18,8 @@ def _config(lr=0.025, momentum=0.9, weight_decay=1e-4, total_steps=8, **extra):
 
 
 def test_poly_schedule_formula():
+  """The schedule is a float32 scalar: equal to the float64 formula within a few float32 ulps
+  (one pow and one division, ~1e-7 relative); rel 1e-6 is 8 ulps."""
   sched = optim.poly_schedule(0.025, 10, 0.9)
   for k in range(12):
     # Update k uses the reference's 1-based iteration it = k + 1; clipped to 0 past the end.
@@ -43,26 +46,40 @@ def test_sgd_matches_torch(weight_decay):
   base_lr = 0.05
   config = _config(lr=base_lr, weight_decay=weight_decay, total_steps=total)
 
-  tx = optim.make_optimizer(config)
-  params = jax.tree.map(jnp.asarray, params0)
-  state = tx.init(params)
-  jax_traj = []
-  for g in grads:
-    updates, state = tx.update(g, state, params)
-    params = optax.apply_updates(params, updates)
-    jax_traj.append(jax.tree.map(np.asarray, params))
+  def ours(dtype):
+    tx = optim.make_optimizer(config)
+    params = jax.tree.map(lambda v: jnp.asarray(v, dtype), params0)
+    state = tx.init(params)
+    traj = []
+    for g in grads:
+      updates, state = tx.update(jax.tree.map(lambda v: jnp.asarray(v, dtype), g), state, params)
+      params = optax.apply_updates(params, updates)
+      traj.append(jax.tree.map(np.asarray, params))
+    return traj
 
-  tparams = {k: torch.tensor(v, requires_grad=True) for k, v in params0.items()}
-  opt = torch.optim.SGD(list(tparams.values()), lr=base_lr, momentum=0.9,
-                        weight_decay=weight_decay)
-  for k, g in enumerate(grads):
-    for group in opt.param_groups:  # the reference's poly_learning_rate, 1-based iteration
-      group["lr"] = base_lr * (1 - (k + 1) / total) ** 0.9
-    for name, p in tparams.items():
-      p.grad = torch.tensor(g[name])
-    opt.step()
-    for name, p in tparams.items():
-      np.testing.assert_allclose(jax_traj[k][name], p.detach().numpy(), atol=1e-6, rtol=0)
+  def reference(dtype):
+    tparams = {k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in params0.items()}
+    opt = torch.optim.SGD(list(tparams.values()), lr=base_lr, momentum=0.9,
+                          weight_decay=weight_decay)
+    traj = []
+    for k, g in enumerate(grads):
+      for group in opt.param_groups:  # the reference's poly_learning_rate, 1-based iteration
+        group["lr"] = base_lr * (1 - (k + 1) / total) ** 0.9
+      for name, p in tparams.items():
+        p.grad = torch.tensor(g[name], dtype=dtype)
+      opt.step()
+      traj.append({name: p.detach().numpy().copy() for name, p in tparams.items()})
+    return traj
+
+  want64, want32 = reference(torch.float64), reference(torch.float32)
+  with jax.enable_x64(True):
+    got64 = ours(jnp.float64)
+  got32 = ours(jnp.float32)
+  for k in range(steps):
+    for name in shapes:
+      numerics.assert_exact(got64[k][name], want64[k][name], f"step {k + 1} {name}")
+      numerics.assert_parity(got32[k][name], want64[k][name], want32[k][name],
+                             f"step {k + 1} {name}")
 
 
 def test_decoupled_decay_would_differ():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fss_jax.train import sharding
+import numerics
 
 _FOUR_DEVICES = textwrap.dedent("""
     import numpy as np
@@ -83,7 +84,7 @@ def _child_env(devices, **extra):
             sharding.PROCESS_ID_ENV):
     env.pop(k, None)
   env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = numerics.child_xla_flags(f"--xla_force_host_platform_device_count={devices}")
   env.update(extra)
   return env
 

@@ -4,6 +4,13 @@ Used only by the parity tests: it follows the reference's structure step by step
 per-shot loops, ROI gathers, host-side seeds with scipy's EDT), in NCHW, so that our batched,
 masked JAX version can be compared against it. Module registration order (and therefore the
 state_dict key order) is the reference's.
+
+It also does the reference's work, op for op where the cost differs (benchmarks/model_speed.py
+times it as the official baseline; references are to Reagan1311/ASGNet@cd898c5): ReLUs and the
+backbone's residual add in place (model/resnet.py:71,93; model/asgnet.py nn.ReLU(inplace=True)),
+SGC on ``repeat``-ed (C+2, R, n) tensors (asgnet.py:339-357), GPA's cosine on the prototypes
+``repeat``-ed to (C, n, h, w), the 1-shot single-prototype branch without argmax (asgnet.py:234-249).
+The only extra op, ``top2_gap`` (for the tests' float32-tie check), can be switched off.
 """
 import cv2
 import numpy as np
@@ -43,19 +50,24 @@ def _masked_gap(feat, mask):
 
 
 def sp_center_iter(feat, mask, init_center, n_iter):
-  """SGC of one shot. feat (C,h,w), mask (1,h,w), init_center (C+2, n) → (C, n)."""
+  """SGC of one shot. feat (C,h,w), mask (1,h,w), init_center (C+2, n) → (C, n).
+
+  The reference's ops (``Model.sp_center_iter``): ROI features and centers ``repeat``-ed to
+  (C+2, R, n), pow 2 / pow 0.5 (bitwise sqrt), neg().exp()."""
   c, h, w = feat.shape
-  rows = torch.arange(h, dtype=feat.dtype).view(h, 1).expand(h, w)[None]
-  cols = torch.arange(w, dtype=feat.dtype).view(1, w).expand(h, w)[None]
+  n = init_center.shape[1]
+  rows = torch.arange(h).view(h, 1).repeat(1, w)[None].to(feat.dtype)
+  cols = torch.arange(w).repeat(h, 1)[None].to(feat.dtype)
   feat = torch.cat([feat, rows, cols], 0)
   roi = feat[:, mask[0] == 1]  # (C+2, R)
+  roi_rep = roi[:, :, None].repeat(1, 1, n)  # (C+2, R, n)
   center = init_center
   for _ in range(n_iter):
-    d = (roi[:, :, None] - center[:, None, :]) ** 2  # (C+2, R, n)
-    dist = (d[:-2].sum(0) + d[-2:].sum(0) / 100).sqrt()
-    assoc = torch.exp(-dist)
+    d = torch.pow(roi_rep - center[:, None, :].repeat(1, roi.shape[1], 1), 2.0)
+    dist = torch.pow(d[:-2].sum(0) + d[-2:].sum(0) / 100, 0.5)
+    assoc = torch.neg(dist).exp()
     assoc = assoc / assoc.sum(0, keepdim=True)
-    center = (roi[:, :, None] * assoc[None]).sum(1)
+    center = (roi_rep * assoc[None]).sum(1)
   return center[:-2]
 
 
@@ -63,10 +75,23 @@ def _seq(*mods):
   return nn.Sequential(*mods)
 
 
+def _bottleneck_inplace(blk, x):
+  """torch_resnet_ref.Bottleneck's forward as the reference's model/resnet.py runs it: the
+  residual added in place (``out += residual``), ReLUs in place (same values; no_grad only)."""
+  out = blk.relu(blk.bn1(blk.conv1(x)))
+  out = blk.relu(blk.bn2(blk.conv2(out)))
+  out = blk.bn3(blk.conv3(out))
+  out += x if blk.downsample is None else blk.downsample(x)
+  return blk.relu(out)
+
+
 class RefASGNet(nn.Module):
   """Reference ASGNet with FEM; ``forward`` returns a dict of outputs and intermediates."""
 
-  def __init__(self, depth=50, bins=(60, 30, 15, 8), shot=1, train_iter=10, eval_iter=5):
+  def __init__(self, depth=50, bins=(60, 30, 15, 8), shot=1, train_iter=10, eval_iter=5,
+               top2_gap=True):
+    """``top2_gap``: also output GPA's top-2 cosine margin (a topk the reference does not run;
+    the parity tests need it, the speed benchmark switches it off)."""
     super().__init__()
     r = torch_resnet_ref.DeepStemResNet(depth)
     self.layer0 = r.layer0
@@ -90,11 +115,20 @@ class RefASGNet(nn.Module):
     self.res2 = _seq(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(),
                      nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU())
     self.shot, self.train_iter, self.eval_iter = shot, train_iter, eval_iter
+    self.top2_gap = top2_gap
+    for m in self.modules():  # the reference's nn.ReLU(inplace=True), backbone and head
+      if isinstance(m, nn.ReLU):
+        m.inplace = True
 
   def backbone(self, x):
     with torch.no_grad():
-      f2 = self.layer2(self.layer1(self.layer0(x)))
-      f3 = self.layer3(f2)
+      x = self.layer0(x)
+      for layer in (self.layer1, self.layer2, self.layer3):
+        for blk in layer:
+          x = _bottleneck_inplace(blk, x)
+        if layer is self.layer2:
+          f2 = x
+      f3 = x
     return torch.cat([f3, f2], 1)
 
   def forward(self, x, s_x, s_y, s_seed):
@@ -105,7 +139,7 @@ class RefASGNet(nn.Module):
     supp_feats, masks = [], []
     for i in range(self.shot):
       with torch.no_grad():
-        m = (s_y[:, i] == 1).float()[:, None]
+        m = (s_y[:, i] == 1).to(x.dtype)[:, None]  # .float() in the reference: float32 runs
         masks.append(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=True))
       supp_feats.append(self.down_conv(self.backbone(s_x[:, i])))
 
@@ -115,7 +149,7 @@ class RefASGNet(nn.Module):
       for i in range(self.shot):
         with torch.no_grad():
           f, m, seed = supp_feats[i][b], masks[i][b], s_seed[b, i]
-          n = max(int((seed[:, 0] != 0).sum()), int((seed[:, 1] != 0).sum()))
+          n = max(len(torch.nonzero(seed[:, 0])), len(torch.nonzero(seed[:, 1])))
           if n <= 1:
             centers.append(_masked_gap(f[None], m[None])[0, :, 0])  # (C,1)
             continue
@@ -126,13 +160,21 @@ class RefASGNet(nn.Module):
       center = torch.cat(centers, 1)  # (C, P)
       protos_all.append(center)
       q = query_feat[b]
-      cos = F.cosine_similarity(center[:, :, None, None], q[:, None], dim=0, eps=1e-7)  # (P,h,w)
-      probs.append(cos.sum(0, keepdim=True)[None])
-      idx = cos.max(0)[1]
-      top2 = torch.topk(cos, min(2, cos.shape[0]), dim=0).values
-      gaps.append(top2[0] - top2[-1] if cos.shape[0] > 1 else torch.full_like(top2[0], np.inf))
+      if self.shot == 1 and center.shape[1] == 1:  # one prototype: no allocation to do
+        cos = F.cosine_similarity(center[..., None], q, dim=0, eps=1e-7)[None]  # (1,h,w)
+        probs.append(cos[None])
+        idx = torch.zeros((h, w), dtype=torch.long)
+        guides.append(torch.cat([q[None], center[None, ..., None].expand(-1, -1, h, w)], 1))
+      else:
+        rep = center[..., None, None].repeat(1, 1, h, w)  # (C,P,h,w)
+        cos = F.cosine_similarity(rep, q[:, None], dim=0, eps=1e-7)  # (P,h,w)
+        probs.append(cos.sum(0, keepdim=True)[None])
+        idx = cos.max(0)[1]
+        guides.append(torch.cat([q, center[:, idx]], 0)[None])
       indices.append(idx)
-      guides.append(torch.cat([q, center[:, idx]], 0)[None])
+      if self.top2_gap:
+        top2 = torch.topk(cos, min(2, cos.shape[0]), dim=0).values
+        gaps.append(top2[0] - top2[-1] if cos.shape[0] > 1 else torch.full_like(top2[0], np.inf))
     guide_feat, prob_map = torch.cat(guides), torch.cat(probs)
 
     pyramid, aux = [], []
@@ -142,8 +184,8 @@ class RefASGNet(nn.Module):
       p = F.interpolate(prob_map, size=(size, size), mode="bilinear", align_corners=True)
       z = self.corr_conv[i](torch.cat([g, p], 1))
       if i >= 1:
-        prev = F.interpolate(pyramid[i - 1], size=(size, size), mode="bilinear",
-                             align_corners=True)
+        prev = F.interpolate(pyramid[i - 1].clone(), size=(size, size), mode="bilinear",
+                             align_corners=True)  # the reference's .clone() (asgnet.py:273)
         z = self.alpha_conv[i - 1](torch.cat([z, prev], 1)) + z
       z = self.beta_conv[i](z) + z
       aux.append(self.inner_cls[i](z))
@@ -153,7 +195,8 @@ class RefASGNet(nn.Module):
     up = lambda t: F.interpolate(t, size=(big_h, big_w), mode="bilinear", align_corners=True)
     return {"logits": up(self.cls(z)), "aux_logits": [up(a) for a in aux],
             "prototypes": protos_all, "prob_map": prob_map, "query_feat": query_feat,
-            "guide_index": torch.stack(indices), "top2_gap": torch.stack(gaps)}
+            "guide_index": torch.stack(indices),
+            "top2_gap": torch.stack(gaps) if self.top2_gap else None}
 
 
 def reference_loss(out, y):

@@ -41,6 +41,9 @@ class ASGNet(nn.Module):
     reduce_dim: head width (256 in the reference).
     num_classes: 2 (background, foreground).
     max_sp: maximum number of superpixel seeds per shot (5).
+    avg_sp_area: feature-grid pixels per superpixel when placing seeds (100, the reference's
+      ``place_seed_points`` default; a shot gets round(area / avg_sp_area) seeds, at most
+      ``max_sp``). Smaller values cluster small masks (the float64 parity tests use 65x65 inputs).
     train_iters / eval_iters: SGC iterations in training (10) and evaluation (5).
     bn_batch_stats: the reference's quirk: in training, the backbone's BatchNorm uses batch
       statistics (per query / per shot call, as the reference's separate calls do) and updates
@@ -59,6 +62,7 @@ class ASGNet(nn.Module):
   reduce_dim: int = 256
   num_classes: int = 2
   max_sp: int = 5
+  avg_sp_area: int = 100
   train_iters: int = 10
   eval_iters: int = 5
   bn_batch_stats: bool = False
@@ -113,9 +117,10 @@ class ASGNet(nn.Module):
     query_feat, supp_feat = feats[:, 0], feats[:, 1:]
 
     # ---- Prototypes: seeds + SGC per shot (no gradient) ----
-    fg = (supp_labels == 1).astype(jnp.float32).reshape((b * k, big_h, big_w))
+    fg = (supp_labels == 1).astype(jnp.promote_types(query.dtype, jnp.float32))
+    fg = fg.reshape((b * k, big_h, big_w))
     soft_mask = ops.resize_bilinear_ac(fg[..., None], (h, w))[..., 0]  # (B·K,h,w)
-    seeds, _ = sgc.place_seeds(fg, max_sp=self.max_sp)
+    seeds, _ = sgc.place_seeds(fg, max_sp=self.max_sp, avg_sp_area=self.avg_sp_area)
     protos, valid = sgc.sgc_prototypes(
         supp_feat.reshape((b * k, h, w, self.reduce_dim)), soft_mask, seeds,
         n_iter=self.train_iters if train else self.eval_iters)
@@ -161,6 +166,7 @@ def model_config() -> ml_collections.ConfigDict:
       train_iters=10,          # SGC iterations
       eval_iters=5,
       max_sp=5,
+      avg_sp_area=100,         # seeds: feature-grid pixels per superpixel
   ))
 
 
@@ -169,5 +175,5 @@ def from_config(config) -> ASGNet:
   m = config.model
   return ASGNet(
       **backbones.model_fields(config), bins=tuple(m.bins), reduce_dim=int(m.reduce_dim),
-      max_sp=int(m.max_sp), train_iters=int(m.train_iters), eval_iters=int(m.eval_iters),
+      max_sp=int(m.max_sp), avg_sp_area=int(m.avg_sp_area), train_iters=int(m.train_iters), eval_iters=int(m.eval_iters),
       aux_weight=float(config.train.aux_weight))

@@ -47,7 +47,8 @@ def poly_schedule(base_lr: float, max_steps: int, power: float = 0.9,
     raise ValueError(f"poly_schedule: base_lr must be non-negative, got {base_lr}.")
 
   def schedule(count):
-    it = jnp.asarray(count, jnp.float32) + step_offset
+    # float32, or float64 under jax_enable_x64 (the float64 parity tests).
+    it = jnp.asarray(count, jnp.result_type(float)) + step_offset
     frac = jnp.clip(1.0 - it / max_steps, 0.0, 1.0)
     return base_lr * frac ** power
 
