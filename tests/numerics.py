@@ -42,6 +42,16 @@ def child_xla_flags(*flags: str) -> str:
   return " ".join(isa + list(flags))
 
 
+def float64_copies(net, variables, batch):
+  """A model (its backbone's dtype float64), its variables and a batch with every float32 array
+  cast to float64: our computation in exact mode (call inside ``jax.enable_x64(True)``)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  net = net.clone(backbone=net.backbone.clone(dtype=jnp.float64))
+  cast = lambda x: np.asarray(x, np.float64) if np.asarray(x).dtype == np.float32 else x
+  return net, jax.tree.map(cast, variables), jax.tree.map(cast, batch)
+
+
 def rel_err(a, b) -> float:
   """max(‖a−b‖/‖b‖, max|a−b|/max|b|) in float64 (0 when both are all zeros)."""
   a = np.asarray(a, np.float64)

@@ -77,9 +77,7 @@ class Case:
     ``jax.enable_x64(True)``)."""
     if not exact:
       return self.net, self.variables, self.batch
-    net = self.net.clone(backbone=self.net.backbone.clone(dtype=jnp.float64))
-    cast = lambda x: np.asarray(x, np.float64) if np.asarray(x).dtype == np.float32 else x
-    return net, jax.tree.map(cast, self.variables), jax.tree.map(cast, self.batch)
+    return numerics.float64_copies(self.net, self.variables, self.batch)
 
   def torch_inputs(self, model):
     dtype = next(model.parameters()).dtype
