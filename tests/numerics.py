@@ -52,6 +52,27 @@ def float64_copies(net, variables, batch):
   return net, jax.tree.map(cast, variables), jax.tree.map(cast, batch)
 
 
+def train_step_gradients(net, variables, batch, naming) -> dict:
+  """Loss terms and trainable-parameter gradients through the public ``train_step``, keyed like
+  the PyTorch oracle (``main_loss``, ``aux_loss``, torch parameter names, OIHW kernels): plain
+  SGD with lr 1, so a gradient is old − new (exact to 1e-16 of the weights in float64). Dropout
+  off. Call inside ``jax.enable_x64(True)`` with ``float64_copies``. Returns (dict, state)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  tx = optax.sgd(1.0)
+  state = step_lib.create_train_state(variables, tx)
+  new, metrics = jax.jit(lambda s, b, r: step_lib.train_step(
+      s, b, r, model=net, tx=tx, deterministic=True))(state, batch, jax.random.key(0))
+  got = {k: np.asarray(metrics[k]) for k in ("main_loss", "aux_loss")}
+  new_flat = flax.traverse_util.flatten_dict(new.trainable)
+  for path, old in flax.traverse_util.flatten_dict(state.trainable).items():
+    grad = np.asarray(old) - np.asarray(new_flat[path])
+    got[naming.key("params", path)] = grad.transpose(3, 2, 0, 1) if grad.ndim == 4 else grad
+  return got, state
+
+
 def rel_err(a, b) -> float:
   """max(‖a−b‖/‖b‖, max|a−b|/max|b|) in float64 (0 when both are all zeros)."""
   a = np.asarray(a, np.float64)

@@ -16,11 +16,8 @@ loss terms and every head gradient through the public ``train_step`` (dropout of
 """
 import copy
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,7 +131,8 @@ def _check_eval(case, exact=True):
     with jax.enable_x64(True):
       got, _ = forward(True)
       np.testing.assert_array_equal(got.pop("guide_index"), index64)
-      numerics_errs = {k: numerics.assert_exact(got[k], want64[k], k) for k in want64}
+      for k in want64:
+        numerics.assert_exact(got[k], want64[k], k)
   got, valid = forward(False)
   flips = got.pop("guide_index") != index64
   assert (gap[flips] < TIE).all(), "GPA allocation differs away from a float32 tie"
@@ -174,18 +172,9 @@ def _check_train_step(case):
                if p.grad is not None}}
   want64, _ = case.run_torch(prepare, grads)
 
-  tx = optax.sgd(1.0)
   with jax.enable_x64(True):
-    net, variables, batch = case.ours(exact=True)
-    state = step_lib.create_train_state(variables, tx)
-    new, metrics = jax.jit(lambda s, b, r: step_lib.train_step(
-        s, b, r, model=net, tx=tx, deterministic=True))(state, batch, jax.random.key(0))
-    got = {k: np.asarray(metrics[k]) for k in ("main_loss", "aux_loss")}
-    naming = weights.model_naming(case.config)
-    new_flat = flax.traverse_util.flatten_dict(new.trainable)
-    for path, old in flax.traverse_util.flatten_dict(state.trainable).items():
-      grad = np.asarray(old) - np.asarray(new_flat[path])
-      got[naming.key("params", path)] = grad.transpose(3, 2, 0, 1) if grad.ndim == 4 else grad
+    got, state = numerics.train_step_gradients(*case.ours(exact=True),
+                                               weights.model_naming(case.config))
   head = {k for k in want64 if not k.startswith("layer")}
   # Every head tensor: cls (2 convs, bias on the last) 3, down_conv 1, and per bin corr_conv 1,
   # beta_conv 2, inner_cls 3, alpha_conv 1 (not the first bin), res1 1, res2 2; + 2 losses.

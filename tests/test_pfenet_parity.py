@@ -18,9 +18,7 @@ import copy
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 
@@ -149,18 +147,9 @@ def _check_train_step(case):
                if p.grad is not None}}
   want64, _ = case.run_torch(prepare, grads)
 
-  tx = optax.sgd(1.0)
   with jax.enable_x64(True):
-    net, variables, batch = case.ours(exact=True)
-    state = step_lib.create_train_state(variables, tx)
-    new, metrics = jax.jit(lambda s, b, r: step_lib.train_step(
-        s, b, r, model=net, tx=tx, deterministic=True))(state, batch, jax.random.key(0))
-    got = {k: np.asarray(metrics[k]) for k in ("main_loss", "aux_loss")}
-    naming = weights.model_naming(case.config)
-    new_flat = flax.traverse_util.flatten_dict(new.trainable)
-    for path, old in flax.traverse_util.flatten_dict(state.trainable).items():
-      grad = np.asarray(old) - np.asarray(new_flat[path])
-      got[naming.key("params", path)] = grad.transpose(3, 2, 0, 1) if grad.ndim == 4 else grad
+    got, state = numerics.train_step_gradients(*case.ours(exact=True),
+                                               weights.model_naming(case.config))
   head = {k for k in want64 if not k.startswith("layer")}
   # Every head tensor of reference_pfenet.md §6 (35 with 4 bins: 8 + 7 per bin − 1) + 2 losses.
   assert set(got) == head and len(head) == 2 + 7 * len(case.net.bins) + 7
