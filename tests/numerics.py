@@ -52,6 +52,34 @@ def float64_copies(net, variables, batch):
   return net, jax.tree.map(cast, variables), jax.tree.map(cast, batch)
 
 
+class ModelCase:
+  """Shared part of the models' parity cases: a subclass sets ``torch32`` (the oracle), ``x``,
+  ``s_x``, ``s_y``, ``y`` (NCHW numpy inputs) and calls ``build(config, size, shot)``."""
+
+  def build(self, config, size: int, shot: int):
+    """Our model from ``config``, the oracle's weights through the checkpoint importer, and the
+    NHWC batch."""
+    from fss_jax import weights  # pylint: disable=g-import-not-at-top
+    from fss_jax.convert import torch_import  # pylint: disable=g-import-not-at-top
+    from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.net = registry.build_model(config)
+    template = registry.variables_template(self.net, size, shot)
+    sd = {k: v.numpy() for k, v in self.torch32.state_dict().items()}
+    self.variables = torch_import.variables_from_torch(sd, template, weights.model_naming(config))
+    self.batch = {"query": self.x.transpose(0, 2, 3, 1),
+                  "supp_images": self.s_x.transpose(0, 1, 3, 4, 2),
+                  "supp_labels": self.s_y.astype(np.int32),
+                  "query_label": self.y.astype(np.int32)}
+
+  def ours(self, exact: bool):
+    """(model, variables, batch): float32, or float64 throughout when ``exact`` (call inside
+    ``jax.enable_x64(True)``)."""
+    if not exact:
+      return self.net, self.variables, self.batch
+    return float64_copies(self.net, self.variables, self.batch)
+
+
 def train_step_gradients(net, variables, batch, naming) -> dict:
   """Loss terms and trainable-parameter gradients through the public ``train_step``, keyed like
   the PyTorch oracle (``main_loss``, ``aux_loss``, torch parameter names, OIHW kernels): plain

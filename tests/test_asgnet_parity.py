@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from fss_jax import configs_lib
 from fss_jax import weights
-from fss_jax.convert import torch_import
 from fss_jax.models import registry
 from fss_jax.train import step as step_lib
 import datagen
@@ -40,7 +39,7 @@ TIE = 1e-6
 DOWN_CONV_SCALE = 3e-4
 
 
-class Case:
+class Case(numerics.ModelCase):
   """One oracle model (float32 and float64 copies), our model and variables, inputs and seeds."""
 
   def __init__(self, size, shot, batch, tiny=(), bins=(60, 30, 15, 8), avg_sp_area=100,
@@ -65,25 +64,10 @@ class Case:
     self.seeds = np.stack([[ref.place_seed_points((self.s_y[i, j] == 1).astype(np.float32),
                                                   avg_sp_area=avg_sp_area)
                             for j in range(shot)] for i in range(batch)])
-    self.config = configs_lib.base_config("asgnet")
-    self.config.model.bins = bins
-    self.config.model.avg_sp_area = avg_sp_area
-    self.net = registry.build_model(self.config)
-    template = registry.variables_template(self.net, size, shot)
-    sd = {k: v.numpy() for k, v in self.torch32.state_dict().items()}
-    self.variables = torch_import.variables_from_torch(sd, template,
-                                                       weights.model_naming(self.config))
-    self.batch = {"query": self.x.transpose(0, 2, 3, 1),
-                  "supp_images": self.s_x.transpose(0, 1, 3, 4, 2),
-                  "supp_labels": self.s_y.astype(np.int32),
-                  "query_label": self.y.astype(np.int32)}
-
-  def ours(self, exact: bool):
-    """(model, variables, batch): float32, or float64 throughout when ``exact`` (call inside
-    ``jax.enable_x64(True)``)."""
-    if not exact:
-      return self.net, self.variables, self.batch
-    return numerics.float64_copies(self.net, self.variables, self.batch)
+    config = configs_lib.base_config("asgnet")
+    config.model.bins = bins
+    config.model.avg_sp_area = avg_sp_area
+    self.build(config, size, shot)
 
   def run_torch(self, prepare, fn):
     """fn(model, out) for the float64 and float32 oracles, after prepare(model)."""

@@ -24,7 +24,6 @@ import torch
 
 from fss_jax import configs_lib
 from fss_jax import weights
-from fss_jax.convert import torch_import
 from fss_jax.models import prior as prior_lib
 from fss_jax.models import registry
 from fss_jax.train import step as step_lib
@@ -45,7 +44,7 @@ def _config(backbone, bins=(60, 30, 15, 8), bn_mode="frozen"):
   return config
 
 
-class Case:
+class Case(numerics.ModelCase):
   """One oracle model (float32 and float64 copies), our model and variables, and inputs."""
 
   def __init__(self, backbone, size, shot, batch, empty=(), bins=(60, 30, 15, 8),
@@ -59,23 +58,7 @@ class Case:
     self.s_x = rng.normal(size=(batch, shot, 3, size, size)).astype(np.float32)
     self.s_y = datagen.episode_masks(rng, batch, shot, size, empty)
     self.y = datagen.episode_masks(rng, batch, 1, size)[:, 0]
-    self.config = _config(backbone, bins, bn_mode)
-    self.net = registry.build_model(self.config)
-    template = registry.variables_template(self.net, size, shot)
-    sd = {k: v.numpy() for k, v in self.torch32.state_dict().items()}
-    self.variables = torch_import.variables_from_torch(sd, template,
-                                                       weights.model_naming(self.config))
-    self.batch = {"query": self.x.transpose(0, 2, 3, 1),
-                  "supp_images": self.s_x.transpose(0, 1, 3, 4, 2),
-                  "supp_labels": self.s_y.astype(np.int32),
-                  "query_label": self.y.astype(np.int32)}
-
-  def ours(self, exact: bool):
-    """(model, variables, batch): float32, or float64 throughout when ``exact`` (call inside
-    ``jax.enable_x64(True)``)."""
-    if not exact:
-      return self.net, self.variables, self.batch
-    return numerics.float64_copies(self.net, self.variables, self.batch)
+    self.build(_config(backbone, bins, bn_mode), size, shot)
 
   def torch_inputs(self, model):
     dtype = next(model.parameters()).dtype
