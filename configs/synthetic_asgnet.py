@@ -12,15 +12,18 @@ best-checkpoint policy.
 
   python scripts/train.py --config=configs/synthetic_asgnet.py --workdir=workdirs/synthetic
 
-Argument keys: fold (0-3), shot, backbone (resnet_small | resnet50 | resnet101), depth.
+Argument keys: fold (0-3), shot, backbone (resnet_small | resnet50 | resnet101), depth;
+prior, amm (true | false): ASGNet + prior, ASGNet + AMM (options of fss_jax/models/asgnet.py).
 """
 from fss_jax import configs_lib
 
 
 def get_config(arg=None):
-  args = configs_lib.parse_arg(arg, configs_lib.COMMON_ARGS)
+  args = configs_lib.parse_arg(arg, {**configs_lib.COMMON_ARGS, "prior": False, "amm": False})
   config = configs_lib.synthetic_settings(configs_lib.base_config("asgnet"))
   configs_lib.apply_common_args(
       config, args, allowed_backbones=("resnet_small", "resnet50", "resnet101"))
+  config.model.prior = args["prior"]  # ASGNet + prior (fss_jax/models/asgnet.py)
+  config.model.amm = args["amm"]      # ASGNet + AMM
   configs_lib.validate_config(config)
   return config
