@@ -1,15 +1,24 @@
 r"""Evaluates a model with the few-shot protocol: a training run's checkpoint or an imported file.
 
-  # the best checkpoint of a run, as configured (seeds, episodes, original-label option):
+  # the best checkpoint of a run, as configured (protocol 'custom': data.eval_episodes,
+  # data.eval_seeds, data.original_label_eval):
   python scripts/evaluate.py --config=configs/synthetic_asgnet.py --workdir=workdirs/synthetic \
       --predictions=predictions.png
-  # the authors' trained PyTorch checkpoint, multi-seed protocol (5 seeds x 1000 episodes):
+  # the authors' trained PyTorch checkpoint with ASGNet's own test protocol (seed 321, 1001
+  # episodes on PASCAL-5i, original-size labels):
   python scripts/evaluate.py --config=configs/pascal_asgnet.py:fold=0,shot=1 \
       --checkpoint=train_epoch_xx.pth --config.data.data_dir=data/pascal5i \
-      --config.data.eval_seeds='(0,1,2,3,4)' --config.data.original_label_eval=True
+      --config.eval.protocol=asgnet --output=fold0_asgnet.json
+  # the multi-seed protocol of BAM / MSANet (5 seeds x 1000 episodes, original labels):
+  python scripts/evaluate.py --config=configs/pascal_asgnet.py:fold=0,shot=1 \
+      --checkpoint=train_epoch_xx.pth --config.data.data_dir=data/pascal5i \
+      --config.eval.protocol=bam --output=fold0_bam.json
 
-Prints the per-class table and mIoU / FB-IoU (mean ± std over seeds); ``--output`` writes them
-as JSON; ``--predictions`` writes a PNG of a few episodes (supports, truth, prediction).
+``--config.eval.protocol`` is one of custom, asgnet, pfenet, bam, hsnet (any model, any
+checkpoint; fss_jax/train/protocols.py lists what each fixes). Prints the protocol, the
+per-class table and mIoU / FB-IoU (mean ± std over seeds); ``--output`` writes them as JSON
+with the protocol, episode count, seeds and label mode first; ``--predictions`` writes a PNG of
+a few episodes (supports, truth, prediction).
 """
 from absl import app
 from absl import flags
@@ -50,22 +59,21 @@ def main(argv):
       model, config, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value, step=_STEP.value)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   data = dataset_dir.prepare(config)
-  ev = evaluator_lib.from_config(config, model, mesh, data, _CLASSES.value)
+  protocol = evaluator_lib.protocol_settings(config)
+  ev = evaluator_lib.from_config(config, model, mesh, data, _CLASSES.value, protocol=protocol)
   say = print if jax.process_index() == 0 else (lambda *_: None)
   say(f"evaluating {source} on {data} fold {config.data.fold} {ev.shot}-shot, "
-      f"{_CLASSES.value} classes, {config.data.eval_episodes} episodes x seeds "
-      f"{list(config.data.eval_seeds)}" + (" (original labels)"
-                                           if config.data.original_label_eval else ""))
-  out = ev.run_seeds(variables, config.data.eval_seeds, progress=_PROGRESS.value, log=say)
+      f"{_CLASSES.value} classes; {protocol.describe()}\n  ({protocol.note})")
+  out = ev.run_protocol(variables, progress=_PROGRESS.value, log=say)
   for r in out["runs"]:
     say(f"\nseed {r.seed}\n{r.table()}")
-  say(f"\n{evaluator_lib.format_seeds(out)}")
+  say(f"\n{protocol.describe()}\n{evaluator_lib.format_seeds(out)}")
   if _OUTPUT.value and jax.process_index() == 0:
     evaluator_lib.write_json(_OUTPUT.value, evaluator_lib.results_json(
-        out, source=source, classes=_CLASSES.value))
+        out, **protocol.header(), source=source, classes=_CLASSES.value))
     say(f"wrote {_OUTPUT.value}")
   if _PREDICTIONS.value:
-    rows = ev.prediction_rows(variables, config.data.eval_seeds[0], _NUM_PREDICTIONS.value)
+    rows = ev.prediction_rows(variables, protocol.seeds[0], _NUM_PREDICTIONS.value)
     if jax.process_index() == 0:
       visualize.write_grid(_PREDICTIONS.value, rows)
       say(f"wrote {_PREDICTIONS.value} ({len(rows)} episodes)")

@@ -107,8 +107,10 @@ def test_backbone_arg():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_bad_arg_key_lists_allowed_keys(name):
+  keys = ("amm, backbone, depth, fold, prior, shot" if "asgnet" in name
+          else "backbone, depth, fold, shot")
   with pytest.raises(ValueError, match=r"Unknown config argument key 'folds'.*allowed keys: "
-                                       r"backbone, depth, fold, shot"):
+                                       + keys):
     _load(name, "folds=1")
 
 
@@ -175,8 +177,10 @@ def _config_json(out):
 def test_absl_config_flags_overrides(tmp_path):
   out = _run_absl(tmp_path, "--config=configs/pascal_asgnet.py:fold=1,shot=5,backbone=resnet101",
                   "--config.train.lr=0.01", "--config.data.scale=(0.8,1.2)",
-                  "--config.data.data_dir=/tmp/voc", "--config.model.bn_mode=batch_stats")
+                  "--config.data.data_dir=/tmp/voc", "--config.model.bn_mode=batch_stats",
+                  "--config.eval.protocol=bam")
   c = _config_json(out)
+  assert c["eval"]["protocol"] == "bam"
   assert (c["data"]["fold"], c["data"]["shot"], c["model"]["depth"]) == (1, 5, 101)
   assert c["train"]["lr"] == 0.01 and c["data"]["scale"] == [0.8, 1.2]
   assert c["data"]["data_dir"] == "/tmp/voc" and c["model"]["bn_mode"] == "batch_stats"
@@ -192,4 +196,4 @@ def test_absl_rejects_unknown_override_and_bad_arg(tmp_path):
   out = _run_absl(tmp_path, "--config=configs/coco_asgnet.py:split=1")
   assert out.returncode != 0
   assert "Unknown config argument key 'split'" in out.stderr
-  assert "allowed keys: backbone, depth, fold, shot" in out.stderr
+  assert "allowed keys: amm, backbone, depth, fold, prior, shot" in out.stderr

@@ -16,6 +16,7 @@ from fss_jax.models import registry
 from fss_jax.train import checkpoint as ckpt_lib
 from fss_jax.train import evaluator
 from fss_jax.train import logging as logging_lib
+from fss_jax.train import protocols
 from fss_jax.train import trainer
 
 
@@ -32,9 +33,13 @@ def _config(data_dir, **train):
   return config
 
 
-def test_sigterm_saves_and_the_next_run_resumes(data_dir, tmp_path):
+def test_sigterm_saves_and_the_next_run_resumes(data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   config = _config(data_dir, total_steps=4, select_on="base_heldout", checkpoint_every=100)
+  # The final evaluation follows config.eval.protocol (a preset cut to 3 episodes x 2 seeds
+  # here); the in-training selection keeps data.eval_episodes of data.seed.
+  monkeypatch.setitem(protocols.PRESETS, "hsnet", protocols._Preset(3, 3, (0, 7), False, ""))
+  config.eval.protocol = "hsnet"
 
   def hook(step, state, batch):
     assert batch["query"].shape[0] == config.data.train_batch_size
@@ -72,6 +77,9 @@ def test_sigterm_saves_and_the_next_run_resumes(data_dir, tmp_path):
   for k in want:
     np.testing.assert_array_equal(got[k], want[k])
   assert set(final["per_seed"][0]["per_class"]) == {"1", "2", "3", "4", "5"}  # fold 0 novel
+  assert {k: final[k] for k in ("protocol", "episodes", "seeds", "original_label")} == {
+      "protocol": "hsnet", "episodes": 3, "seeds": [0, 7], "original_label": False}
+  assert [(r["seed"], r["episodes"]) for r in final["per_seed"]] == [(0, 3), (7, 3)]
   assert final["miou"]["mean"] == pytest.approx(out["final"]["miou"]["mean"])
 
 

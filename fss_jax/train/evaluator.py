@@ -4,7 +4,10 @@ Protocol (reference ``tool/test.py``, see docs): a fixed list of N episodes draw
 seed (``data.episodes.eval_episodes``), each scored by foreground/background intersection and
 union; class-wise mIoU = mean over the fold's novel classes of Σ inter / Σ union, FB-IoU = mean
 over {bg, fg} of the global Σ inter / Σ union. The multi-seed protocol repeats this with several
-seeds and reports mean ± std.
+seeds and reports mean ± std. N, the seeds and the label mode of a reported evaluation come from
+``config.eval.protocol`` (``protocol_settings``: the presets 'asgnet', 'pfenet', 'bam', 'hsnet'
+or 'custom' = the ``data.eval_*`` fields; ``fss_jax/train/protocols.py``); the in-training
+selection evaluation uses ``selection_settings`` (``data.eval_episodes``, ``data.seed``).
 
 One batch: host-local episodes → global arrays sharded over ``"data"`` → jitted forward +
 per-episode (inter, union) on device → this process's rows back to the host →
@@ -32,8 +35,15 @@ from fss_jax.data import pipeline
 from fss_jax.data import schema
 from fss_jax.train import logging as logging_lib
 from fss_jax.train import metrics as metrics_lib
+from fss_jax.train import protocols
 from fss_jax.train import sharding
 from fss_jax.train import step as step_lib
+
+# The evaluation protocols (re-exported: the evaluator is where callers look for them).
+Protocol = protocols.Protocol
+PROTOCOL_NAMES = protocols.PROTOCOL_NAMES
+protocol_settings = protocols.protocol_settings
+selection_settings = protocols.selection_settings
 
 
 def _per_sample_ac_weights(in_size: int, out_sizes: jax.Array, canvas: int) -> jax.Array:
@@ -145,12 +155,14 @@ class Evaluator:
     split: manifest split ('val').
     original_label: score against the original-size labels (see module docstring).
     num_workers, read_threads, min_pixels: data-pipeline settings.
+    protocol: the ``Protocol`` N and original_label came from (``from_config`` sets it; its
+      ``seeds`` are what ``run_protocol`` runs), or None.
   """
 
   def __init__(self, model, mesh, dataset_dir: str, *, fold: int, shot: int, image_size: int,
                batch_size: int, num_episodes: int, classes: str = "novel", split: str = "val",
                original_label: bool = False, num_workers: int = 0, read_threads: int = 1,
-               min_pixels: int = 2 * 32 * 32):
+               min_pixels: int = 2 * 32 * 32, protocol: Optional[Protocol] = None):
     self.model = model
     self.mesh = mesh
     self.dataset_dir = dataset_dir
@@ -162,6 +174,7 @@ class Evaluator:
     self.split = split
     self.original_label = bool(original_label)
     self.num_workers, self.read_threads, self.min_pixels = num_workers, read_threads, min_pixels
+    self.protocol = protocol
     manifest = schema.load_manifest(dataset_dir)
     from fss_jax.data import episodes  # pylint: disable=g-import-not-at-top
     self.classes = episodes.fold_classes(manifest, self.fold, classes)
@@ -243,6 +256,14 @@ class Evaluator:
             "miou": metrics_lib.mean_std([r.miou for r in runs]),
             "fbiou": metrics_lib.mean_std([r.fbiou for r in runs])}
 
+  def run_protocol(self, variables: Any, progress: bool = False,
+                   log: Optional[Callable[[str], None]] = None) -> dict:
+    """``run_seeds`` over the seeds of ``self.protocol`` (an evaluator of ``from_config``)."""
+    if self.protocol is None:
+      raise ValueError("This Evaluator has no protocol (build it with from_config, or call "
+                       "run_seeds with the seeds).")
+    return self.run_seeds(variables, self.protocol.seeds, progress=progress, log=log)
+
 
 def format_seeds(result: Mapping[str, Any]) -> str:
   """'mIoU 55.20 ± 0.41  FB-IoU 70.10 ± 0.30 (5 seeds)' from ``run_seeds``' result."""
@@ -254,12 +275,15 @@ def format_seeds(result: Mapping[str, Any]) -> str:
 
 def results_json(result: Mapping[str, Any], **header) -> dict:
   """The JSON form of a ``run_seeds`` result (``final_metrics.json``, ``evaluate.py --output``):
-  ``header`` entries first (what was evaluated), then mIoU / FB-IoU mean ± std and, per seed,
-  mIoU, FB-IoU and each class's IoU, episode count and summed foreground counts."""
+  ``header`` entries first (what was evaluated; callers pass ``**protocol.header()``: protocol,
+  episodes, seeds, original_label), then mIoU / FB-IoU mean ± std and, per seed, mIoU, FB-IoU,
+  the number of episodes scored and each class's IoU, episode count and summed foreground
+  counts."""
   return {
       **header,
       "miou": result["miou"], "fbiou": result["fbiou"],
       "per_seed": [{"seed": r.seed, "miou": r.miou, "fbiou": r.fbiou,
+                    "episodes": r.meter.num_episodes,
                     "per_class": {str(c): v for c, v in r.meter.per_class(r.classes).items()}}
                    for r in result["runs"]],
   }
@@ -279,15 +303,24 @@ def eval_shot(config) -> int:
   return int(config.data.eval_shot) or int(config.data.shot)
 
 
-def from_config(config, model, mesh, dataset_dir: str, classes: str = "novel") -> Evaluator:
-  """The ``Evaluator`` of ``config.data`` (fold, shot, size, batch, N, original-label, ...)."""
+def from_config(config, model, mesh, dataset_dir: str, classes: str = "novel",
+                protocol: Optional[Protocol] = None) -> Evaluator:
+  """The ``Evaluator`` of ``config`` (fold, shot, size, batch from ``config.data``).
+
+  N and the label mode come from ``protocol``: by default ``protocol_settings(config)`` (the
+  reported evaluation: final evaluation, ``scripts/evaluate.py``); the trainer passes
+  ``selection_settings(config)`` for its in-training evaluation. The evaluator keeps it as
+  ``.protocol`` (its seeds: ``run_protocol``).
+  """
   d = config.data
+  if protocol is None:
+    protocol = protocol_settings(config)
   return Evaluator(
       model, mesh, dataset_dir, fold=d.fold, shot=eval_shot(config), image_size=d.image_size,
-      batch_size=d.eval_batch_size, num_episodes=d.eval_episodes, classes=classes,
-      split=d.eval_split, original_label=d.original_label_eval,
+      batch_size=d.eval_batch_size, num_episodes=protocol.episodes, classes=classes,
+      split=d.eval_split, original_label=protocol.original_label,
       num_workers=int(d.num_workers), read_threads=int(d.read_threads),
-      min_pixels=int(d.min_class_pixels))
+      min_pixels=int(d.min_class_pixels), protocol=protocol)
 
 
 def load_variables(model, config, *, workdir: Optional[str] = None,

@@ -6,9 +6,11 @@ One step, end to end:
   → jitted ``step.train_step`` (replicated state, donated) → metrics, fetched every
   ``train.log_every`` steps → ``metrics.jsonl`` / TensorBoard / progress line.
 Every ``eval_every`` steps the evaluator runs on the selection episodes (novel classes as the
-reference, or held-out base classes) and a checkpoint is saved with that score, so the manager
+reference, or held-out base classes: ``data.eval_episodes`` episodes of seed ``data.seed``,
+``evaluator.selection_settings``) and a checkpoint is saved with that score, so the manager
 keeps the last N plus the best. At the end the best checkpoint is evaluated on the novel classes
-with every ``data.eval_seeds`` seed and the result is written to ``final_metrics.json``.
+with the evaluation protocol (``config.eval.protocol``, ``evaluator.protocol_settings``: its
+episode count, seeds and label mode) and the result is written to ``final_metrics.json``.
 
 Restarts: the workdir's latest checkpoint (train state + Grain iterator state) is restored
 automatically, so a killed run continues with exactly the batches and random numbers it would
@@ -179,9 +181,11 @@ def train_and_evaluate(config, workdir: str,
       read_threads=int(d.read_threads))
   train_iter = iter(train_ds)
 
-  novel_eval = evaluator_lib.from_config(config, model, mesh, dataset_dir, "novel")
-  select_eval = (novel_eval if t.select_on == "novel" else
-                 evaluator_lib.from_config(config, model, mesh, dataset_dir, "base"))
+  # In-training selection: cheap and protocol-independent. The final evaluation: the protocol.
+  select_eval = evaluator_lib.from_config(
+      config, model, mesh, dataset_dir, "novel" if t.select_on == "novel" else "base",
+      protocol=evaluator_lib.selection_settings(config))
+  final_eval = evaluator_lib.from_config(config, model, mesh, dataset_dir, "novel")
 
   # ---- checkpoints: resume ----
   ckpt = ckpt_lib.CheckpointManager(workdir, max_to_keep=int(t.keep_checkpoints),
@@ -207,9 +211,9 @@ def train_and_evaluate(config, workdir: str,
 
   def evaluate(step):
     variables = state.variables()
-    r = select_eval.run(variables, int(d.seed), desc=f"eval@{step}")
+    r = select_eval.run(variables, select_eval.protocol.seeds[0], desc=f"eval@{step}")
     scores = {SELECT_METRIC: r.miou, "select/fbiou": r.fbiou}
-    if select_eval is novel_eval:
+    if t.select_on == "novel":
       scores.update(r.summary(prefix="val/"))
     writer.write_scalars(step, scores)
     log(f"[step {step}] {t.select_on} eval ({r.meter.num_episodes} episodes): "
@@ -269,29 +273,33 @@ def train_and_evaluate(config, workdir: str,
       train_iter.close()  # stops data workers before the final evaluation starts its own
 
   if not result["stopped"]:
-    result["final"] = final_evaluation(config, workdir, ckpt, state, novel_eval, writer)
+    result["final"] = final_evaluation(config, workdir, ckpt, state, final_eval, writer)
   ckpt.close()
   writer.close()
   return result
 
 
-def final_evaluation(config, workdir, ckpt, state, novel_eval, writer) -> dict:
-  """Best checkpoint (else the last state) on the novel classes, every ``data.eval_seeds``."""
+def final_evaluation(config, workdir, ckpt, state, final_eval, writer) -> dict:
+  """Best checkpoint (else the last state) on the novel classes with ``final_eval``'s protocol
+  (``evaluator.from_config``: ``config.eval.protocol``'s episodes, seeds and label mode)."""
+  del config  # the protocol is final_eval's
+  protocol = final_eval.protocol
   best = ckpt.best_step()
   last_step = int(jax.device_get(state.step))
   source = "last"
   if best is not None and best != last_step:
-    template = _abstract(state, sharding.replicated(novel_eval.mesh))
+    template = _abstract(state, sharding.replicated(final_eval.mesh))
     state = ckpt.restore(best, state_template=template).state
     source = "best"
   step = best if source == "best" else last_step
   log(f"final evaluation of the {source} checkpoint (step {step}) on novel classes, "
-      f"seeds {list(config.data.eval_seeds)}")
-  out = novel_eval.run_seeds(state.variables(), config.data.eval_seeds, log=log)
+      f"{protocol.describe()}")
+  out = final_eval.run_protocol(state.variables(), log=log)
   last = out["runs"][-1]
   log(last.table())
   log(f"final: {evaluator_lib.format_seeds(out)}")
-  summary = evaluator_lib.results_json(out, checkpoint_step=step, checkpoint=source)
+  summary = evaluator_lib.results_json(out, **protocol.header(), checkpoint_step=step,
+                                       checkpoint=source)
   writer.write_scalars(last_step, {"final/miou": out["miou"]["mean"],
                                    "final/fbiou": out["fbiou"]["mean"]})
   if jax.process_index() == 0:
