@@ -138,6 +138,9 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
   c.model.backbone_width = 64          # 64 = ResNet-50/101; resnet_small: 16
   c.model.backbone_blocks = ()         # () = from depth; resnet_small: (1, 1, 1, 1)
   c.model.backbone_weights = ""        # ImageNet .pth (PyTorch) or .msgpack; '' = random init
+  # A whole model to start training from (reference .pth/.safetensors or our .msgpack, e.g. an
+  # ASGNet seeding an ASGNet + prior: scripts/import_checkpoint.py --from_asgnet); '' = none.
+  c.model.init_weights = ""
   c.model.update(registry.model_config(model_name))
 
   c.train = ml_collections.ConfigDict()

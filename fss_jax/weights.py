@@ -6,6 +6,7 @@
   read_backbone(path, config)          ImageNet backbone file (.pth/.pt/.safetensors/.msgpack)
   load_backbone(variables, config)     ... put in place of the model's backbone
   read_model(path, model, config)      a model checkpoint (the authors' or ours) → variables
+  read_asgnet_as_prior(path, config)   an ASGNet checkpoint → the start of an ASGNet + prior
   model_state_dict(variables, config)  variables → the reference's state_dict
   backbone_state_dict(variables, name) bare backbone variables → its ImageNet file naming
 
@@ -128,6 +129,22 @@ def read_model(path: str, model, config) -> dict[str, Any]:
     return variables
   return torch_import.variables_from_torch(torch_import.load_state_dict(path), template,
                                            model_naming(config), source=path)
+
+
+def read_asgnet_as_prior(path: str, config) -> dict[str, Any]:
+  """A plain ASGNet checkpoint (the authors' ``.pth`` or ours) as the starting variables of the
+  ASGNet + prior that ``config`` describes (``model.prior`` True): read with ASGNet's naming and
+  shapes, then each ``corr_conv`` gets a zero prior column (``asgnet.seed_prior_from_asgnet``),
+  so the seeded model starts out computing exactly what the ASGNet did."""
+  from fss_jax.models import asgnet  # pylint: disable=g-import-not-at-top
+  if config.model.name != "asgnet" or not config.model.prior:
+    raise ValueError(f"read_asgnet_as_prior: the config must describe an ASGNet + prior "
+                     f"(model.name='asgnet', model.prior=True); got model.name="
+                     f"{config.model.name!r}, prior={config.model.get('prior')!r}")
+  plain = config.copy_and_resolve_references()
+  plain.model.prior = False
+  variables = read_model(path, registry.build_model(plain), plain)
+  return asgnet.seed_prior_from_asgnet(variables, num_bins=len(config.model.bins))
 
 
 def model_state_dict(variables: Mapping[str, Any], config

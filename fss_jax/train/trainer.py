@@ -162,9 +162,12 @@ def train_and_evaluate(config, workdir: str,
   if config.model.backbone_weights:
     variables = weights.load_backbone(variables, config)
     log(f"backbone weights: {config.model.backbone_weights}")
-  elif "backbone" in tuple(t.frozen_keys):
+  elif "backbone" in tuple(t.frozen_keys) and not config.model.init_weights:
     log("WARNING: config.model.backbone_weights is empty and the backbone is frozen: training "
         "on a random backbone (import ImageNet weights with scripts/convert_backbone.py).")
+  if config.model.init_weights:  # a whole model to start from (head and backbone)
+    variables = weights.read_model(config.model.init_weights, model, config)
+    log(f"initial weights (whole model): {config.model.init_weights}")
   tx = optim.make_optimizer(config, plan.total_steps)
   replicated = sharding.replicated(mesh)
   state = jax.device_put(step_lib.create_train_state(variables, tx, tuple(t.frozen_keys)),
