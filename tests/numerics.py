@@ -84,7 +84,8 @@ def train_step_gradients(net, variables, batch, naming) -> dict:
   """Loss terms and trainable-parameter gradients through the public ``train_step``, keyed like
   the PyTorch oracle (``main_loss``, ``aux_loss``, torch parameter names, OIHW kernels): plain
   SGD with lr 1, so a gradient is old − new (exact to 1e-16 of the weights in float64). Dropout
-  off. Call inside ``jax.enable_x64(True)`` with ``float64_copies``. Returns (dict, state)."""
+  off. Call inside ``jax.enable_x64(True)`` with ``float64_copies``. Returns (dict, the state
+  after the step: its ``batch_stats`` hold any BatchNorm statistics the step updated)."""
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -97,8 +98,8 @@ def train_step_gradients(net, variables, batch, naming) -> dict:
   new_flat = flax.traverse_util.flatten_dict(new.trainable)
   for path, old in flax.traverse_util.flatten_dict(state.trainable).items():
     grad = np.asarray(old) - np.asarray(new_flat[path])
-    got[naming.key("params", path)] = grad.transpose(3, 2, 0, 1) if grad.ndim == 4 else grad
-  return got, state
+    got[naming.key("params", path)] = grad.transpose(3, 2, 0, 1) if grad.ndim == 4 else grad.T
+  return got, new
 
 
 def rel_err(a, b) -> float:

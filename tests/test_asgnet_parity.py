@@ -13,9 +13,12 @@ on-device placement on ours (they must be equal). Two comparisons per case (``nu
     the slow tests).
 Compared: seeds, prototypes (SGC), GPA's allocation and prob map, final and auxiliary logits; the
 loss terms and every head gradient through the public ``train_step`` (dropout off, frozen BN).
+The same for the ASGNet + prior and ASGNet + AMM options (the prior map too; AMM's BatchNorm in
+training mode on both sides, its updated running statistics compared).
 """
 import copy
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -43,12 +46,13 @@ class Case(numerics.ModelCase):
   """One oracle model (float32 and float64 copies), our model and variables, inputs and seeds."""
 
   def __init__(self, size, shot, batch, tiny=(), bins=(60, 30, 15, 8), avg_sp_area=100,
-               tiny_radius=0.02, seed=0):
+               tiny_radius=0.02, seed=0, prior=False, amm=False, mask_support_l4=True):
     torch.manual_seed(seed)
     # He-scaled random weights and random BN statistics. (PyTorch's default conv init shrinks the
     # activations layer by layer: logits of ~0.03, too ill-conditioned to compare usefully.)
-    self.torch32 = torch_resnet_ref.randomize_(ref.RefASGNet(depth=50, shot=shot, bins=bins),
-                                               seed)
+    self.torch32 = torch_resnet_ref.randomize_(
+        ref.RefASGNet(depth=50, shot=shot, bins=bins, prior=prior, amm=amm,
+                      mask_support_l4=mask_support_l4), seed)
     # Those weights give reduced features of norm ~4e4 and SGC distances D of ~1e4, for which
     # exp(-D) is a one-hot on the seed pixel (or 0/0 when a seed lies outside the ROI, which the
     # port guards): down_conv is scaled so that D is O(1) and the clustering is a real soft
@@ -67,6 +71,9 @@ class Case(numerics.ModelCase):
     config = configs_lib.base_config("asgnet")
     config.model.bins = bins
     config.model.avg_sp_area = avg_sp_area
+    config.model.prior = prior
+    config.model.prior_mask_support = mask_support_l4
+    config.model.amm = amm
     self.build(config, size, shot)
 
   def run_torch(self, prepare, fn):
@@ -91,6 +98,7 @@ def _check_eval(case, exact=True):
     return {"logits": nhwc(out["logits"]), "prob_map": nhwc(out["prob_map"]),
             "prototypes": np.concatenate([p.numpy().T for p in out["prototypes"]]),
             "guide_index": out["guide_index"].numpy(), "top2_gap": out["top2_gap"].numpy(),
+            **({"prior": nhwc(out["prior"])} if out.get("prior") is not None else {}),
             **{f"aux_{i}": nhwc(a) for i, a in enumerate(out["aux_logits"])}}
   with torch.no_grad():
     want64, want32 = case.run_torch(lambda m: m.eval(), collect)
@@ -109,8 +117,10 @@ def _check_eval(case, exact=True):
            "prototypes": np.asarray(out["prototypes"])[valid],
            "guide_index": np.stack([slot_to_rank[i][np.asarray(out["guide_index"][i])]
                                     for i in range(len(valid))]),
+           **({"prior": np.asarray(out["prior"])} if "prior" in out else {}),
            **{f"aux_{i}": np.asarray(a) for i, a in enumerate(out["aux_logits"])}}
     return got, valid
+  assert ("prior" in want64) == case.net.prior
   if exact:
     with jax.enable_x64(True):
       got, _ = forward(True)
@@ -135,11 +145,15 @@ def _check_eval(case, exact=True):
 def _check_train_step(case):
   """Loss terms and head gradients through the public train step, in exact mode: plain SGD
   with lr = 1, so the gradient is old − new (float64: exact to 1e-16 of the weights). Dropout
-  off (deterministic) and frozen BN on both sides; SGC runs its 10 training iterations."""
+  off (deterministic) and frozen backbone BN on both sides; SGC runs its 10 training
+  iterations. With AMM, its BatchNorm runs in training mode on both sides (batch statistics, one
+  running-statistics update per call: query and each shot), and the updated statistics are
+  compared too."""
   def prepare(model):
     model.train()
-    for m in model.modules():
-      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Dropout2d)):
+    for name, m in model.named_modules():
+      if isinstance(m, torch.nn.Dropout2d) or (isinstance(m, torch.nn.BatchNorm2d)
+                                               and name.startswith("layer")):
         m.eval()
     model.zero_grad()
 
@@ -153,17 +167,30 @@ def _check_train_step(case):
     total.backward()
     return {"main_loss": main.item(), "aux_loss": aux.item(),
             **{n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()
-               if p.grad is not None}}
+               if p.grad is not None},
+            **{f"stats:{n}": b.detach().numpy().copy() for n, b in model.named_buffers()
+               if n.startswith("amm.")}}
   want64, _ = case.run_torch(prepare, grads)
+  want_stats = {k[6:]: want64.pop(k) for k in list(want64) if k.startswith("stats:")}
 
   with jax.enable_x64(True):
     got, state = numerics.train_step_gradients(*case.ours(exact=True),
                                                weights.model_naming(case.config))
   head = {k for k in want64 if not k.startswith("layer")}
   # Every head tensor: cls (2 convs, bias on the last) 3, down_conv 1, and per bin corr_conv 1,
-  # beta_conv 2, inner_cls 3, alpha_conv 1 (not the first bin), res1 1, res2 2; + 2 losses.
-  assert set(got) == head and len(head) == 2 + 3 + 1 + 7 * len(case.net.bins) - 1 + 3
+  # beta_conv 2, inner_cls 3, alpha_conv 1 (not the first bin), res1 1, res2 2; + 2 losses;
+  # AMM: two Linear layers 4, the 7x7 conv 1, its BatchNorm 2.
+  amm_tensors = 7 if case.net.amm else 0
+  assert set(got) == head and len(head) == 2 + 3 + 1 + 7 * len(case.net.bins) - 1 + 3 + amm_tensors
   assert "backbone" not in state.trainable
+  if case.net.amm:
+    naming = weights.model_naming(case.config)
+    flat = flax.traverse_util.flatten_dict(state.batch_stats["amm"])
+    got_stats = {naming.key("batch_stats", ("amm",) + path): np.asarray(v)
+                 for path, v in flat.items()}
+    assert set(got_stats) == set(want_stats)
+    for k in want_stats:
+      numerics.assert_exact(got_stats[k].astype(np.float64), want_stats[k], k)
   return {k: numerics.assert_exact(got[k], want64[k], k) for k in head}
 
 
@@ -216,3 +243,51 @@ def test_eval_float32_233(shot):
 @pytest.mark.parametrize("shot", [1, 5])
 def test_eval_float32_473(shot):
   _check_eval(Case(473, shot, batch=1), exact=False)
+
+
+# ---- ASGNet + prior and ASGNet + AMM (options of the same module), exact mode at 65x65 ----
+
+def test_variant_head_param_counts():
+  counts = {}
+  for prior, amm in ((True, False), (False, True)):
+    config = configs_lib.base_config("asgnet")
+    config.model.prior, config.model.amm = prior, amm
+    counts[prior, amm] = registry.head_param_count(
+        registry.variables_template(registry.build_model(config))["params"])
+  assert counts[True, False] == 10_424_842  # 4 corr_conv levels x 256 prior columns
+  # AMM at 256 wide: Linear 256->16 and 16->256 with biases, 7x7x2 conv, BN affine.
+  assert counts[False, True] == 10_423_818 + (256 * 16 + 16) + (16 * 256 + 256) + 98 + 2
+
+
+# Both options in one model (each case costs a ResNet-50 oracle in two precisions): a wrong prior
+# or a wrong AMM moves every output compared here. Each option alone is the same code path.
+BOTH = dict(prior=True, amm=True)
+
+
+def test_prior_amm_eval_exact_1shot_batch2():
+  _check_eval(Case(65, shot=1, batch=2, tiny=((0, 0),), bins=(12, 6, 4, 2), **SMALL, **BOTH))
+
+
+def test_prior_amm_eval_exact_5shot():
+  _check_eval(Case(65, shot=5, batch=1, tiny=((0, 2),), bins=(1.0, 0.5, 0.25), **SMALL, **BOTH))
+
+
+def test_prior_unmasked_support_eval_exact():
+  """``prior_mask_support=False``: layer4 of the support on its unmasked layer3 (the prior
+  then still masks the layer4 features, as PFENet's prior code does)."""
+  _check_eval(Case(65, shot=2, batch=1, bins=(12, 6), avg_sp_area=5, prior=True,
+                   mask_support_l4=False))
+
+
+def test_prior_amm_train_step_gradients_exact_1shot_batch2():
+  _check_train_step(Case(65, shot=1, batch=2, tiny=((0, 0),), bins=(12, 6, 4, 2), **SMALL,
+                         **BOTH))
+
+
+def test_prior_amm_train_step_gradients_exact_5shot():
+  _check_train_step(Case(65, shot=5, batch=1, bins=(12, 6, 3, 2), avg_sp_area=5, **BOTH))
+
+
+def test_prior_and_amm_eval_float32_233():
+  """Both options together, float32 at the reference's seeding against the float64 oracle."""
+  _check_eval(Case(233, shot=1, batch=2, tiny=((0, 0),), prior=True, amm=True), exact=False)

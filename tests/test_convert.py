@@ -441,3 +441,84 @@ def test_pfenet_import_and_export_scripts(tmp_path):
     from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
     asg = configs_lib.load_config("configs/pascal_asgnet.py")
     weights.read_model(msg, registry.build_model(asg), asg)
+
+
+# ---- ASGNet + prior / + AMM checkpoints, and seeding ASGNet + prior from an ASGNet ----
+
+@pytest.mark.parametrize("prior,amm", [(True, False), (False, True), (True, True)])
+def test_asgnet_variant_checkpoint_import_export_strict(tmp_path, prior, amm):
+  """A checkpoint of the transcription's variant in (reference wrapping), the same state_dict
+  out (keys, order, values: ``corr_conv.*`` with 514 columns, ``amm.*`` last), and the export
+  loads strictly into the transcription."""
+  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from tests import torch_asgnet_ref  # pylint: disable=g-import-not-at-top
+  with torch.device("meta"):
+    shapes = torch_asgnet_ref.RefASGNet(prior=prior, amm=amm).state_dict()
+  g = torch.Generator().manual_seed(7)
+  sd = collections.OrderedDict(
+      (k, torch.randint(0, 9, v.shape, generator=g) if k.endswith("num_batches_tracked")
+       else torch.randn(v.shape, generator=g)) for k, v in shapes.items())
+  assert (sd["corr_conv.0.0.weight"].shape[1] == 514) == prior
+  path = str(tmp_path / "asgnet_variant.pth")
+  torch.save({"epoch": 1, "state_dict": collections.OrderedDict(
+      ("module." + k, v) for k, v in sd.items())}, path)
+  config = configs_lib.load_config(f"configs/pascal_asgnet.py:prior={prior},amm={amm}")
+  variables = weights.read_model(path, registry.build_model(config), config)
+  out = weights.model_state_dict(variables, config)
+  _assert_same_state_dict(out, _numpy(sd))
+  torch_asgnet_ref.RefASGNet(prior=prior, amm=amm).load_state_dict(
+      {k: torch.from_numpy(v) for k, v in out.items()}, strict=True)
+  if prior:  # a plain ASGNet config names the 514-column kernels as mismatched
+    plain = configs_lib.load_config(f"configs/pascal_asgnet.py:amm={amm}")
+    with pytest.raises(torch_import.CheckpointMismatchError) as e:
+      weights.read_model(path, registry.build_model(plain), plain)
+    assert "corr_conv.0.0.weight" in e.value.mismatched
+
+
+def test_seed_asgnet_prior_from_an_asgnet_checkpoint(tmp_path):
+  """``import_checkpoint.py --from_asgnet``: an ASGNet checkpoint becomes an ASGNet + prior whose
+  prior columns are zero, so it computes exactly what the ASGNet computes (float64, every
+  output of the FEM); a prior checkpoint or a non-prior config is refused."""
+  from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  import numerics  # pylint: disable=g-import-not-at-top
+  plain = configs_lib.load_config("configs/tiny_asgnet.py")
+  plain_net = registry.build_model(plain)
+  plain_vars = registry.init_variables(plain_net, 65, 1, jax.random.key(3))
+  src = str(tmp_path / "asgnet.pth")
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in
+              weights.model_state_dict(plain_vars, plain).items()}, src)
+  msg = str(tmp_path / "seeded.msgpack")
+  arg = "configs/tiny_asgnet.py:prior=true"
+  _script("import_checkpoint.py")(["--config", arg, "--input", src, "--from_asgnet",
+                                   "--output", msg])
+  prior_cfg = configs_lib.load_config(arg)
+  prior_net = registry.build_model(prior_cfg)
+  seeded = weights.read_model(msg, prior_net, prior_cfg)  # shapes checked against the model
+  kernel = np.asarray(seeded["params"]["corr_conv_0_0"]["kernel"])
+  assert kernel.shape[2] == 2 * prior_cfg.model.reduce_dim + 2 and not kernel[:, :, -1].any()
+  rng = np.random.default_rng(0)
+  batch = {"query": rng.normal(size=(2, 65, 65, 3)).astype(np.float32),
+           "supp_images": rng.normal(size=(2, 1, 65, 65, 3)).astype(np.float32),
+           "supp_labels": np.pad(np.ones((2, 1, 30, 30), np.int32),
+                                 ((0, 0), (0, 0), (10, 25), (20, 15)))}
+  with jax.enable_x64(True):
+    outs = []
+    for net, v in ((plain_net, plain_vars), (prior_net, seeded)):
+      net, v, b = numerics.float64_copies(net, v, batch)
+      outs.append(net.apply(v, **b, train=False))
+    assert float(np.abs(np.asarray(outs[1]["prior"])).max()) > 0  # a real prior, ignored
+    for k in ("logits", "prob_map"):
+      numerics.assert_exact(np.asarray(outs[1][k]), np.asarray(outs[0][k]), k, limit=1e-12)
+  # An ASGNet + prior checkpoint is not a plain ASGNet's: refused with the offending keys.
+  with pytest.raises(torch_import.CheckpointMismatchError) as e:
+    weights.read_asgnet_as_prior(_prior_pth(tmp_path, seeded, prior_cfg), prior_cfg)
+  assert "corr_conv.0.0.weight" in e.value.mismatched
+  with pytest.raises(ValueError, match="must describe an ASGNet \\+ prior"):
+    weights.read_asgnet_as_prior(src, plain)
+
+
+def _prior_pth(tmp_path, variables, config):
+  path = str(tmp_path / "prior.pth")
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in
+              weights.model_state_dict(variables, config).items()}, path)
+  return path

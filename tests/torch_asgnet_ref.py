@@ -11,6 +11,23 @@ backbone's residual add in place (model/resnet.py:71,93; model/asgnet.py nn.ReLU
 SGC on ``repeat``-ed (C+2, R, n) tensors (asgnet.py:339-357), GPA's cosine on the prototypes
 ``repeat``-ed to (C, n, h, w), the 1-shot single-prototype branch without argmax (asgnet.py:234-249).
 The only extra op, ``top2_gap`` (for the tests' float32-tie check), can be switched off.
+
+Two options, both off by default (the default forward is the reference's, op for op):
+
+- ``prior=True``: "ASGNet + prior" (reference_pfenet.md §9). The reproduction report that describes
+  it gives only the prior's code, so the design is the one inferred in §9: PFENet's training-free
+  prior (§3; ``torch_pfenet_ref.prior_mask``, imported, and the same shot mean and resizes as
+  RefPFENet) from no-grad layer4 features, query layer4(layer3) and support layer4(layer3 · m)
+  with m the layer3-size support mask (``mask_support_l4=False``: unmasked, the maintainer's
+  "matters little" reading), appended last to every pyramid level's ``corr_conv`` input:
+  concat[pooled guide_feat (256 query + 256 prototype), prob_map, prior] = 514 channels. Only
+  ``corr_conv.{i}.0.weight`` changes shape ([256, 514, 1, 1]); head parameters 10,424,842.
+- ``amm=True``: the AMM attention module (§10; ``tests/torch_amm_ref.py``, the public code's
+  structure and key names) registered last as ``amm`` = AMM(256, 16) (8,564 parameters). The
+  placement is this project's decision, not from a reference: one shared module applied to the
+  ``down_conv`` output (after its Dropout2d), separately per call, so its detached mean/std and its
+  BatchNorm batch statistics are per call (the query batch; each shot's batch). The support call
+  keeps ASGNet's gradient structure (features with grad; SGC under no_grad).
 """
 import cv2
 import numpy as np
@@ -19,7 +36,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from tests import torch_resnet_ref
+from tests import torch_amm_ref, torch_pfenet_ref, torch_resnet_ref
 
 
 def place_seed_points(mask: np.ndarray, down_stride=8, max_num_sp=5, avg_sp_area=100):
@@ -89,9 +106,11 @@ class RefASGNet(nn.Module):
   """Reference ASGNet with FEM; ``forward`` returns a dict of outputs and intermediates."""
 
   def __init__(self, depth=50, bins=(60, 30, 15, 8), shot=1, train_iter=10, eval_iter=5,
-               top2_gap=True):
+               top2_gap=True, prior=False, mask_support_l4=True, amm=False):
     """``top2_gap``: also output GPA's top-2 cosine margin (a topk the reference does not run;
-    the parity tests need it, the speed benchmark switches it off)."""
+    the parity tests need it, the speed benchmark switches it off). ``prior``: ASGNet + PFENet's
+    prior (module docstring), with the support's layer4 input masked iff ``mask_support_l4``.
+    ``amm``: AMM after ``down_conv`` (module docstring)."""
     super().__init__()
     r = torch_resnet_ref.DeepStemResNet(depth)
     self.layer0 = r.layer0
@@ -102,7 +121,7 @@ class RefASGNet(nn.Module):
     self.down_conv = _seq(nn.Conv2d(1536, d, 1, bias=False), nn.Dropout2d(0.5))
     self.bins = bins
     self.corr_conv = nn.ModuleList(
-        [_seq(nn.Conv2d(2 * d + 1, d, 1, bias=False), nn.ReLU()) for _ in bins])
+        [_seq(nn.Conv2d(2 * d + 1 + int(prior), d, 1, bias=False), nn.ReLU()) for _ in bins])
     self.beta_conv = nn.ModuleList([
         _seq(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(),
              nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU()) for _ in bins])
@@ -116,11 +135,17 @@ class RefASGNet(nn.Module):
                      nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU())
     self.shot, self.train_iter, self.eval_iter = shot, train_iter, eval_iter
     self.top2_gap = top2_gap
+    self.prior, self.mask_support_l4, self.use_amm = prior, mask_support_l4, amm
     for m in self.modules():  # the reference's nn.ReLU(inplace=True), backbone and head
       if isinstance(m, nn.ReLU):
         m.inplace = True
+    if amm:  # registered last (key order); after the loop: the public AMM's ReLU is not in place
+      self.amm = torch_amm_ref.AMM(d, 16)
 
-  def backbone(self, x):
+  def backbone(self, x, m=None):
+    """No-grad layer0..3 → concat[layer3, layer2]. With ``prior`` also layer4 (same in-place
+    style), on layer3 · m when a support mask m (layer3 size) is given and ``mask_support_l4``;
+    then returns (features, layer4)."""
     with torch.no_grad():
       x = self.layer0(x)
       for layer in (self.layer1, self.layer2, self.layer3):
@@ -129,19 +154,44 @@ class RefASGNet(nn.Module):
         if layer is self.layer2:
           f2 = x
       f3 = x
+      if self.prior:
+        f4 = f3 * m if m is not None and self.mask_support_l4 else f3
+        for blk in self.layer4:
+          f4 = _bottleneck_inplace(blk, f4)
+    if self.prior:
+      return torch.cat([f3, f2], 1), f4
     return torch.cat([f3, f2], 1)
+
+  def _features(self, x, m=None):
+    """down_conv(backbone(x, m)) [→ AMM]; with ``prior`` returns (features, layer4)."""
+    out = self.backbone(x, m)
+    f, f4 = out if self.prior else (out, None)
+    f = self.down_conv(f)
+    if self.use_amm:
+      f = self.amm(f)
+    return (f, f4) if self.prior else f
 
   def forward(self, x, s_x, s_y, s_seed):
     """x (B,3,H,W), s_x (B,K,3,H,W), s_y (B,K,H,W), s_seed (B,K,max_sp,2) int64."""
     big_h, big_w = x.shape[2:]
-    query_feat = self.down_conv(self.backbone(x))
+    feats = self._features(x)
+    query_feat, q4 = feats if self.prior else (feats, None)
     h, w = query_feat.shape[2:]
-    supp_feats, masks = [], []
+    supp_feats, masks, priors = [], [], []
     for i in range(self.shot):
       with torch.no_grad():
         m = (s_y[:, i] == 1).to(x.dtype)[:, None]  # .float() in the reference: float32 runs
         masks.append(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=True))
-      supp_feats.append(self.down_conv(self.backbone(s_x[:, i])))
+      feats = self._features(s_x[:, i], masks[i])  # the mask only reaches layer4 (prior)
+      if self.prior:
+        feats, s4 = feats
+        with torch.no_grad():  # RefPFENet's prior; layer3 size = query_feat size here
+          priors.append(torch_pfenet_ref.prior_mask(q4, s4, m, (h, w)))
+      supp_feats.append(feats)
+    prior = None
+    if self.prior:  # mean over shots, resized to query_feat's size (identity), as RefPFENet
+      prior = F.interpolate(torch.cat(priors, 1).mean(1).unsqueeze(1), size=(h, w),
+                            mode="bilinear", align_corners=True)
 
     guides, probs, protos_all, indices, gaps = [], [], [], [], []
     for b in range(x.shape[0]):
@@ -182,7 +232,11 @@ class RefASGNet(nn.Module):
       size = int(h * tmp) if tmp <= 1.0 else tmp
       g = F.adaptive_avg_pool2d(guide_feat, size)
       p = F.interpolate(prob_map, size=(size, size), mode="bilinear", align_corners=True)
-      z = self.corr_conv[i](torch.cat([g, p], 1))
+      if prior is None:
+        z = self.corr_conv[i](torch.cat([g, p], 1))
+      else:
+        pb = F.interpolate(prior, size=(size, size), mode="bilinear", align_corners=True)
+        z = self.corr_conv[i](torch.cat([g, p, pb], 1))
       if i >= 1:
         prev = F.interpolate(pyramid[i - 1].clone(), size=(size, size), mode="bilinear",
                              align_corners=True)  # the reference's .clone() (asgnet.py:273)
@@ -193,10 +247,13 @@ class RefASGNet(nn.Module):
     z = self.res1(torch.cat(pyramid, 1))
     z = self.res2(z) + z
     up = lambda t: F.interpolate(t, size=(big_h, big_w), mode="bilinear", align_corners=True)
-    return {"logits": up(self.cls(z)), "aux_logits": [up(a) for a in aux],
-            "prototypes": protos_all, "prob_map": prob_map, "query_feat": query_feat,
-            "guide_index": torch.stack(indices),
-            "top2_gap": torch.stack(gaps) if self.top2_gap else None}
+    out = {"logits": up(self.cls(z)), "aux_logits": [up(a) for a in aux],
+           "prototypes": protos_all, "prob_map": prob_map, "query_feat": query_feat,
+           "guide_index": torch.stack(indices),
+           "top2_gap": torch.stack(gaps) if self.top2_gap else None}
+    if prior is not None:
+      out["prior"] = prior
+    return out
 
 
 def reference_loss(out, y):
