@@ -124,3 +124,24 @@ def test_evaluate_loads_an_exported_torch_file(tmp_path):
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_init_weights_start_the_run(data_dir, tmp_path):
+  """``model.init_weights``: the run starts from a whole-model file (here a PyTorch export of
+  other random weights); with lr 0 the checkpointed parameters are exactly the file's."""
+  config = _config(data_dir, total_steps=1, eval_every=0, lr=0.0)
+  model = registry.build_model(config)
+  start = registry.init_variables(model, config.data.image_size, 1, jax.random.key(42))
+  path = str(tmp_path / "start.pth")
+  torch_export.save_state_dict(weights.model_state_dict(start, config), path)
+  config.model.init_weights = path
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  variables, step = ckpt_lib.load_model_variables(workdir, "latest")
+  assert step == 1
+  flat = lambda t: {jax.tree_util.keystr(k): np.asarray(v)
+                    for k, v in jax.tree_util.tree_leaves_with_path(t)}
+  want, got = flat(start["params"]), flat(variables["params"])
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
