@@ -10,6 +10,21 @@ Layout (--root):
                        "background"/"_background_"/"__background__" names id 0 and is dropped).
                        Without it C is the largest id found and classes are named class_<id>.
 
+Unknown mask ids: with classes.txt, a mask holding an id beyond its C classes (other than 255)
+is refused, naming the mask; without it, the ids found must look like a class list: when more
+than half of 1..(largest id) occur in no mask (a stray 200 among ids 1..5 would otherwise make
+200 classes, most of them empty), the conversion is refused, naming the ids larger than twice
+the number of distinct ids and a mask holding each (a few unused ids pass, with a note).
+--allow_unknown_ids accepts them instead: with classes.txt such pixels become 255 (ignore);
+without it C is the largest id, as before.
+
+Bad files: zero-byte or undecodable images and masks are errors naming the file.
+
+--max_side S (default 0, off): images whose longer side exceeds S are downscaled on conversion
+(image INTER_AREA, re-encoded in its format, JPEG at quality 95; mask nearest) so the longer
+side is S. Use it for photographs much larger than the training data.image_size (the trainer
+warns about that scale trap; data.train_resize_longer does the same at training time).
+
 Splits: images (sorted stems) are shuffled with numpy.random.default_rng(--seed) and the first
 round(--val_fraction * N) go to "val", the rest to "train"; each split keeps sorted stem order.
 Folds: the classes 1..C are partitioned into --num_folds novel sets, contiguous blocks like
@@ -91,20 +106,88 @@ def load_mask(path: str, mode: str) -> np.ndarray:
   return mask
 
 
-def _make_item(spec: tuple[str, str, str, str]) -> dict:
-  stem, image_path, mask_path, mode = spec
+# Largest class id a uint8 label map can hold (255 is "ignore").
+MAX_CLASS_ID = 254
+
+
+def _make_item(spec: tuple) -> dict:
+  """(stem, image path, mask path, mask mode, C, allow_unknown_ids, max_side) -> item."""
+  stem, image_path, mask_path, mode, num_classes, allow_unknown, max_side = spec
   with open(image_path, "rb") as f:
     image_bytes, image_format = schema.normalize_image_bytes(f.read(), image_path)
-  label = load_mask(mask_path, mode)
   try:
     hw = schema.image_size(image_bytes)
+    schema.check_image_decodes(image_bytes)
   except ValueError as e:
     raise ValueError(f"{image_path}: {e}") from e
+  label = load_mask(mask_path, mode)
   if hw != label.shape:
     raise ValueError(f"{mask_path} is {label.shape[0]}x{label.shape[1]} but {image_path} is "
                      f"{hw[0]}x{hw[1]}")
+  unknown = sorted(c for c in schema.class_pixel_counts(label) if c > num_classes)
+  if unknown:
+    if not allow_unknown:
+      raise ValueError(
+          f"{mask_path} holds class ids {unknown} absent from classes.txt ({num_classes} "
+          "classes): fix the mask, name the classes in classes.txt, or pass "
+          "--allow_unknown_ids to map them to 255 (ignore)")
+    label = label.copy()
+    label[(label > num_classes) & (label != schema.IGNORE_LABEL)] = schema.IGNORE_LABEL
+  if max_side and max(hw) > max_side:
+    image_bytes, label = _downscale(image_bytes, image_format, label, max_side, image_path)
   return {"image_bytes": image_bytes, "image_format": image_format, "id": stem,
           "label": label}
+
+
+def _downscale(image_bytes: bytes, image_format: str, label: np.ndarray, max_side: int,
+               image_path: str) -> tuple[bytes, np.ndarray]:
+  """Image and label resized so the longer side is max_side (see --max_side)."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  h, w = label.shape
+  new_h, new_w = round(h * max_side / max(h, w)), round(w * max_side / max(h, w))
+  new_h, new_w = max(new_h, 1), max(new_w, 1)
+  bgr = cv2.imdecode(np.frombuffer(image_bytes, np.uint8),
+                     cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+  if bgr is None:
+    raise ValueError(f"{image_path}: cannot decode image ({len(image_bytes)} bytes)")
+  bgr = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_AREA)
+  params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpeg" else []
+  ok, buf = cv2.imencode(".jpg" if image_format == "jpeg" else ".png", bgr, params)
+  if not ok:
+    raise ValueError(f"{image_path}: re-encoding the downscaled image failed")
+  label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+  return buf.tobytes(), label
+
+
+def infer_classes(root: str, pairs, mode: str, allow_unknown: bool) -> list[str]:
+  """Class names class_1..class_C from the masks (no classes.txt); see the module docstring
+  for when the ids found are refused."""
+  first: dict[int, str] = {}  # id -> first mask holding it
+  for _, _, mask_path in pairs:
+    for c in schema.class_pixel_counts(load_mask(mask_path, mode)):
+      first.setdefault(c, mask_path)
+  if not first:
+    raise ValueError(f"{root}: masks hold no class ids (all 0/255); binary masks need "
+                     "--mask_mode=binary")
+  top = max(first)
+  if top > MAX_CLASS_ID:
+    raise ValueError(f"{root}: class id {top} in {first[top]}; at most {MAX_CLASS_ID} fit a "
+                     "uint8 label map (255 is ignore)")
+  # Refused when more than half of 1..top occur in no mask, i.e. some id exceeds twice the
+  # number of distinct ids: those are named.
+  stray = sorted((c for c in first if c > 2 * len(first)), reverse=True)
+  if stray and not allow_unknown:
+    listed = ", ".join(f"{c} (in {first[c]})" for c in stray[:5])
+    more = f" and {len(stray) - 5} more" if len(stray) > 5 else ""
+    raise ValueError(
+        f"{root}: no classes.txt, and the masks use only {len(first)} distinct class ids, "
+        f"but id {listed}{more} would make {top} classes, most of them empty. Fix the masks, "
+        "write classes.txt naming the real classes (masks with other ids are then refused, "
+        f"each named), or pass --allow_unknown_ids to make {top} classes anyway")
+  if len(first) < top:
+    print(f"note: {root}: no classes.txt; classes 1..{top} from the masks, of which "
+          f"{top - len(first)} occur in no mask")
+  return [f"class_{c}" for c in range(1, top + 1)]
 
 
 def split_stems(stems: Sequence[str], val_fraction: float, seed: int):
@@ -121,8 +204,12 @@ def convert(*, root: str, out_dir: str, name: str | None = None, mask_mode: str 
             val_fraction: float = 0.2, seed: int = 0, num_folds: int | None = None,
             fold_assignment: str = "contiguous",
             num_shards: dict[str, int] | int | None = None, workers: int = 0,
-            progress: bool = True) -> schema.Manifest:
-  """Builds a dataset from `root` in `out_dir`; returns its manifest."""
+            progress: bool = True, allow_unknown_ids: bool = False,
+            max_side: int = 0) -> schema.Manifest:
+  """Builds a dataset from `root` in `out_dir`; returns its manifest (see the module
+  docstring for allow_unknown_ids and max_side)."""
+  if max_side < 0:
+    raise ValueError(f"max_side must be >= 0 (0: off), got {max_side}")
   if mask_mode not in ("ids", "binary"):
     raise ValueError(f"mask_mode must be ids or binary, got {mask_mode!r}")
   pairs = pair_files(root)
@@ -133,24 +220,19 @@ def convert(*, root: str, out_dir: str, name: str | None = None, mask_mode: str 
   elif os.path.isfile(classes_txt):
     classes = read_classes_txt(classes_txt)
   else:
-    # No names: one pass over the masks to find the largest class id.
-    top = 0
-    for _, _, mask_path in pairs:
-      counts = schema.class_pixel_counts(load_mask(mask_path, mask_mode))
-      top = max([top] + list(counts))
-    if top == 0:
-      raise ValueError(f"{root}: masks hold no class ids (all 0/255); binary masks need "
-                       "--mask_mode=binary")
-    classes = [f"class_{c}" for c in range(1, top + 1)]
+    # No names: one pass over the masks for the class ids.
+    classes = infer_classes(root, pairs, mask_mode, allow_unknown_ids)
   num_folds = min(4, len(classes)) if num_folds is None else num_folds
   novel = folds.split_classes_into_folds(range(1, len(classes) + 1), num_folds,
                                          fold_assignment)
   train, val = split_stems([p[0] for p in pairs], val_fraction, seed)
   by_stem = {p[0]: p for p in pairs}
-  specs = {"train": [by_stem[s] + (mask_mode,) for s in train],
-           "val": [by_stem[s] + (mask_mode,) for s in val]}
+  tail = (mask_mode, len(classes), bool(allow_unknown_ids), int(max_side))
+  specs = {"train": [by_stem[s] + tail for s in train],
+           "val": [by_stem[s] + tail for s in val]}
   extra = {"source": os.path.abspath(root), "mask_mode": mask_mode,
-           "val_fraction": val_fraction, "seed": seed, "fold_assignment": fold_assignment}
+           "val_fraction": val_fraction, "seed": seed, "fold_assignment": fold_assignment,
+           "allow_unknown_ids": bool(allow_unknown_ids), "max_side": int(max_side)}
   return schema.write_dataset(
       out_dir, name=name or os.path.basename(os.path.abspath(root)), classes=classes,
       novel_folds=novel, scheme="custom",
@@ -174,12 +256,18 @@ def main(argv: Sequence[str] | None = None) -> schema.Manifest:
   parser.add_argument("--shards", type=int, default=1, help="shards per split")
   parser.add_argument("--workers", type=int, default=0)
   parser.add_argument("--no_progress", action="store_true")
+  parser.add_argument("--allow_unknown_ids", action="store_true",
+                      help="accept mask ids beyond classes.txt (-> 255, ignore) or, without "
+                      "classes.txt, sparse ids (C = the largest id)")
+  parser.add_argument("--max_side", type=int, default=0,
+                      help="downscale images whose longer side exceeds this (0: off)")
   args = parser.parse_args(argv)
   manifest = convert(root=args.root, out_dir=args.out_dir, name=args.name,
                      mask_mode=args.mask_mode, val_fraction=args.val_fraction,
                      seed=args.seed, num_folds=args.num_folds,
                      fold_assignment=args.fold_assignment, num_shards=args.shards,
-                     workers=args.workers, progress=not args.no_progress)
+                     workers=args.workers, progress=not args.no_progress,
+                     allow_unknown_ids=args.allow_unknown_ids, max_side=args.max_side)
   _cli.report(manifest)
   return manifest
 

@@ -117,6 +117,14 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
   c.data.seed = 321                    # training stream and the in-training evaluation's seed
   c.data.scale = (0.9, 1.1)            # random scale range (transforms.TrainAugConfig.scale)
   c.data.rotate = (-10.0, 10.0)        # degrees
+  # > 0: resize each training image so its longer side is this many pixels, before the
+  # reference augmentation (transforms.TrainAugConfig.resize_longer); 0 = off, the reference
+  # (PASCAL/COCO images are already ~image_size). For photos much larger than image_size.
+  c.data.train_resize_longer = 0
+  # True: an unreadable training record (CRC, undecodable image/label, missing feature) is
+  # logged and its episode replaced deterministically (pipeline.TrainBatchFn); False: stop
+  # with the shard file, record and image id.
+  c.data.skip_bad_records = False
   c.data.min_class_pixels = 2 * 32 * 32
   # The reference yaml sets ori_resize: True (score against the original-size label);
   # False scores at image_size (cheaper; what most re-implementations report).
@@ -158,9 +166,21 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
   c.train.eval_every_epochs = 2        # reference: every 2nd epoch when epochs > 50, else every
   c.train.checkpoint_every = 0         # steps; 0: at each evaluation and at the end
   c.train.keep_checkpoints = 3
+  # Resume from a damaged newest checkpoint: True moves it to <workdir>/damaged_checkpoints/
+  # (kept, logged) and resumes from the previous intact one; False stops with an error naming it.
+  c.train.restore_fallback = True
+  # Divergence guard before every save / "best" ranking (checkpoint.DivergenceGuard): loss and
+  # parameters finite, and the global L2 norm of the trainable parameters <= this ratio x
+  # max(its norm at the start of the run or at resume, 1). 0: no norm check (finiteness only).
+  c.train.max_param_norm_ratio = 1e3
   c.train.select_on = "novel"          # 'novel' (reference) | 'base_heldout'
   c.train.eval_at_start = False        # evaluate the initial model too (the untrained baseline)
   c.train.seed = 321
+  # Workdir guards (fss_jax/train/workdir.py): take over the lock of a run on another host (or
+  # an unreadable one), and the changes from the workdir's saved config.json accepted on
+  # resume (comma-separated dotted keys or groups, e.g. 'train.total_steps,train.epochs').
+  c.train.break_lock = False
+  c.train.accept_changes = ""
   return c
 
 
@@ -299,6 +319,8 @@ def validate_config(config: ml_collections.ConfigDict, num_folds: int = 4) -> No
     bad("train.total_steps", t.total_steps, "set total_steps > 0 or epochs > 0")
   if t.keep_checkpoints < 1:
     bad("train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+  if not t.get("max_param_norm_ratio", 0) >= 0:
+    bad("train.max_param_norm_ratio", t.max_param_norm_ratio, "must be >= 0 (0: no norm check)")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

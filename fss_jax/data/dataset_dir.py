@@ -5,13 +5,14 @@
 import json
 import os
 import time
+from typing import Optional
 
 import jax
+import numpy as np
 
 from fss_jax.data import schema
 from fss_jax.data import synthetic
 from fss_jax.data import transforms
-
 
 
 def log(msg: str) -> None:
@@ -69,24 +70,69 @@ def prepare(config) -> str:
 def _generate(path: str, settings: dict) -> None:
   t0 = time.time()
   log(f"Generating the procedural dataset {settings} into {path} ...")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  synthetic.write_synthetic_dataset(tmp, workers=min(4, os.cpu_count() or 1), progress=False,
-                                    **settings)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  try:
-    os.rename(tmp, path)
-  except OSError:
-    # Someone else finished first (or an empty folder exists): keep theirs if complete.
-    if not os.path.isfile(os.path.join(path, schema.MANIFEST_NAME)):
-      if os.path.isdir(path) and not os.listdir(path):
-        os.rmdir(path)
-        os.rename(tmp, path)
-      else:
-        raise
+  # Refuses a non-empty foreign folder before writing; a temporary folder next to `path`,
+  # renamed into place, removed on failure (no copies left behind); keeps a concurrent copy.
+  synthetic.generate_cache(path, settings, workers=min(4, os.cpu_count() or 1))
   log(f"  done in {time.time() - t0:.0f} s")
 
 
 def train_aug(config) -> transforms.TrainAugConfig:
+  """The training augmentation of ``config.data`` (``data.train_resize_longer``: see
+  ``transforms.TrainAugConfig.resize_longer``; absent in older configs = 0, off)."""
   d = config.data
   return transforms.TrainAugConfig(size=int(d.image_size), scale=tuple(d.scale),
-                                   rotate=tuple(d.rotate))
+                                   rotate=tuple(d.rotate),
+                                   resize_longer=int(d.get("train_resize_longer", 0) or 0))
+
+
+# Typical image side vs data.image_size beyond which scale_warning speaks.
+SCALE_WARN_RATIO = 2.0
+
+
+def scale_warning(config, manifest: schema.Manifest) -> Optional[str]:
+  """A warning when the training images' typical size is far from ``data.image_size``.
+
+  Training crops ``image_size`` windows from each image at its stored resolution (after
+  ``data.train_resize_longer``, if set), while evaluation resizes whole images to
+  ``image_size``: with images much larger than ``image_size`` the model trains on small
+  windows at one scale and is scored on whole scenes at another (a folder of ~480-px photos at
+  ``image_size=129`` learns nothing), with much smaller ones training crops are mostly padding.
+  The typical size is the median longer side of the training split's manifest entries.
+
+  Returns:
+    None when the ratio is within [1 / SCALE_WARN_RATIO, SCALE_WARN_RATIO], else the message.
+  """
+  d = config.data
+  try:
+    images = manifest.images(d.train_split)
+  except KeyError:
+    return None
+  sides = [max(int(im.get("height", 0)), int(im.get("width", 0))) for im in images]
+  sides = [s for s in sides if s > 0]
+  if not sides:
+    return None
+  size = int(d.image_size)
+  median = float(np.median(sides))
+  resize = int(d.get("train_resize_longer", 0) or 0)
+  trained = resize if resize > 0 else median
+  ratio = trained / size
+  if 1.0 / SCALE_WARN_RATIO <= ratio <= SCALE_WARN_RATIO:
+    return None
+  if resize > 0:
+    what = (f"data.train_resize_longer={resize} is {ratio:.1f}x data.image_size={size} "
+            f"(training images' median longer side: {median:.0f} px)")
+  else:
+    what = (f"the training images' median longer side is {median:.0f} px, {ratio:.1f}x "
+            f"data.image_size={size}")
+  if ratio > 1:
+    effect = (f"training crops {size}x{size} windows at that resolution (each covers about "
+              f"{min(1.0, (size / trained) ** 2):.0%} of an image) while evaluation resizes whole "
+              f"images to {size}: objects appear at very different scales in training and "
+              "evaluation, and the model may learn nothing (predicting only background)")
+  else:
+    effect = (f"the images are much smaller than the {size}x{size} training crop, so crops "
+              f"are mostly padding, while evaluation enlarges whole images to {size}")
+  return (f"WARNING: {what}: {effect}. Set data.train_resize_longer={size} (resize each "
+          "training image's longer side before the augmentation, as evaluation does), or "
+          "convert with data_prep/folder.py --max_side, or set data.image_size nearer the "
+          "images' size.")

@@ -9,7 +9,9 @@ episode drawn from
 the query's augmentation, then each support's (transforms.py). A batch is therefore a pure
 function of (dataset, fold, shot, size, seed, batch number, process slice): the same for
 any worker count, and resumable from the iterator's `get_state()` (which holds only the
-next batch number, plus per-worker positions with `mp_prefetch`). Batches are built
+next batch number, plus per-worker positions with `mp_prefetch`). A record that cannot be read
+stops the stream with a `schema.BadRecordError` naming shard, record and image id, or with
+`skip_bad_records` its episode is replaced by a deterministic substitute (`TrainBatchFn`). Batches are built
 in-process (`read_threads` threads) or by `num_workers` processes that hand them over
 through reusable shared-memory slots (shm_slots.py).
 
@@ -43,6 +45,7 @@ import math
 from typing import Any
 
 from absl import flags
+from absl import logging
 import cv2
 import grain
 import numpy as np
@@ -65,6 +68,21 @@ def decode_record(record: bytes) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"record {ex['id']!r}: image {image.shape[:2]} and label "
                      f"{label.shape} differ in size")
   return image, label
+
+
+def load_record(reader: tfrecord.TFRecordReader, index: int) -> tuple[np.ndarray, np.ndarray]:
+  """`decode_record` of record `index`; errors are `schema.BadRecordError`s naming the shard
+  file, the record number in it and the image id."""
+  _, image, label = schema.read_record(reader, index)
+  return image, label
+
+
+SKIP_HINT = ("; set data.skip_bad_records=True to skip such records in training (resuming a "
+             "run: with --config.train.accept_changes=data.skip_bad_records), and run "
+             "scripts/check_dataset.py --data_dir DIR to list every damaged record")
+
+# Substitute episodes tried for one stream position before giving up (skip_bad_records).
+MAX_SKIPS_PER_EPISODE = 64
 
 
 # The batch slots of this process when it is a Grain worker (see shm_slots); None in-process.
@@ -140,22 +158,49 @@ class _TagPosition:
 
 @dataclasses.dataclass(frozen=True)
 class TrainBatchFn:
-  """[(position, query-list entry), ...] -> one batch of augmented training episodes."""
+  """[(position, query-list entry), ...] -> one batch of augmented training episodes.
+
+  A record that cannot be read or decoded (`schema.BadRecordError`) stops training with a
+  message naming it, or, with `skip_bad_records`, is logged and the whole episode of that
+  stream position is replaced: attempt a = 1, 2, ... draws the episode of query-list entry
+  (entry + a) mod N with `np.random.default_rng([seed, position, a])`, until one reads. The
+  substitute is a pure function of (seed, position, dataset), so batches stay deterministic
+  and resume exactly from the iterator state (nothing about skips is stored in it); episodes
+  at other positions are untouched.
+  """
   sampler: episodes_lib.TrainSampler
   reader: tfrecord.TFRecordReader
   aug: transforms.TrainAugConfig
   seed: int
+  skip_bad_records: bool = False
   recycler: shm_slots.ArrayRecycler = _recycler_field()
 
   def __call__(self, items: list[tuple[int, int]]) -> dict[str, np.ndarray]:
     out, finish = _new_batch(
         _episode_specs(len(items), self.sampler.shot, self.aug.size), self.recycler)
     for j, (position, entry) in enumerate(items):
-      rng = np.random.default_rng([self.seed, position])
-      ep = self.sampler.sample(entry, rng)
-      self._load(ep.query, ep.class_id, rng, out["query"][j], out["query_label"][j])
-      for k, s in enumerate(ep.supports):
-        self._load(s, ep.class_id, rng, out["supp_images"][j, k], out["supp_labels"][j, k])
+      for attempt in range(MAX_SKIPS_PER_EPISODE + 1):
+        seed = [self.seed, position] + ([attempt] if attempt else [])
+        rng = np.random.default_rng(seed)
+        ep = self.sampler.sample((entry + attempt) % len(self.sampler), rng)
+        try:
+          self._load(ep.query, ep.class_id, rng, out["query"][j], out["query_label"][j])
+          for k, s in enumerate(ep.supports):
+            self._load(s, ep.class_id, rng, out["supp_images"][j, k],
+                       out["supp_labels"][j, k])
+        except schema.BadRecordError as e:
+          if not self.skip_bad_records:
+            raise schema.BadRecordError(e.kind, e.path, e.record, e.image_id,
+                                        e.detail + SKIP_HINT) from e
+          logging.warning("skipping bad record (data.skip_bad_records): %s; training "
+                          "position %d gets a substitute episode (attempt %d)",
+                          e, position, attempt + 1)
+          continue
+        break
+      else:
+        raise RuntimeError(f"training position {position}: {MAX_SKIPS_PER_EPISODE + 1} "
+                           "episodes in a row hit bad records; check the dataset with "
+                           "scripts/check_dataset.py")
       out["class_id"][j] = ep.class_id
       out["index"][j] = position
       out["query_record"][j] = ep.query
@@ -163,7 +208,7 @@ class TrainBatchFn:
     return finish(out)
 
   def _load(self, record_index, class_id, rng, out_image, out_label):
-    image, label = decode_record(self.reader[record_index])
+    image, label = load_record(self.reader, record_index)
     transforms.train_transform(image, transforms.binarize_label(label, class_id), rng,
                                self.aug, out=(out_image, out_label))
 
@@ -213,7 +258,7 @@ def _check_process(process_index: int, process_count: int) -> None:
 
 
 def _train_positions(dataset_dir, fold, shot, image_size, seed, process_index,
-                     process_count, split, aug, min_pixels):
+                     process_count, split, aug, min_pixels, skip_bad_records=False):
   """(MapDataset of (global position, query-list entry) for this process, batch fn)."""
   _check_process(process_index, process_count)
   seed = _check_seed(seed)
@@ -225,7 +270,7 @@ def _train_positions(dataset_dir, fold, shot, image_size, seed, process_index,
   ds = grain.MapDataset.range(len(sampler)).shuffle(seed=seed % 2**32).repeat()
   ds = ds.map_with_index(_TagPosition())
   ds = ds[process_index::process_count]
-  return ds, TrainBatchFn(sampler, reader, aug, int(seed))
+  return ds, TrainBatchFn(sampler, reader, aug, int(seed), bool(skip_bad_records))
 
 
 def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: int,
@@ -233,7 +278,8 @@ def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed:
                   num_workers: int = 0, *, split: str = "train",
                   aug: transforms.TrainAugConfig | None = None,
                   min_pixels: int = episodes_lib.MIN_CLASS_PIXELS,
-                  read_threads: int = 1) -> grain.IterDataset:
+                  read_threads: int = 1,
+                  skip_bad_records: bool = False) -> grain.IterDataset:
   """Infinite stream of training batches (see the module docstring for the layout).
 
   Args:
@@ -253,11 +299,13 @@ def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed:
     min_pixels: class eligibility threshold.
     read_threads: with num_workers=0, threads building batches concurrently (decoding and
       OpenCV release the GIL, so threads scale with cores); ignored with workers.
+    skip_bad_records: replace episodes that hit an unreadable record (logged; see
+      `TrainBatchFn`) instead of stopping with a `schema.BadRecordError` naming it.
   Returns:
     IterDataset; `iter()` gives a DatasetIterator with get_state()/set_state().
   """
   ds, fn = _train_positions(dataset_dir, fold, shot, image_size, seed, process_index,
-                            process_count, split, aug, min_pixels)
+                            process_count, split, aug, min_pixels, skip_bad_records)
   # Batch the (cheap) positions, then build each batch's arrays in place.
   ds = ds.batch(int(batch_size), drop_remainder=True, batch_fn=_as_list).map(fn)
   return _prefetch(ds, num_workers, read_threads)
@@ -304,7 +352,7 @@ class EvalBatchFn:
     return finish(out)
 
   def _load(self, record_index, class_id, out_image, out_label) -> np.ndarray:
-    image, label = decode_record(self.reader[record_index])
+    image, label = load_record(self.reader, record_index)
     label = transforms.binarize_label(label, class_id)
     transforms.eval_resize(image, label, self.image_size, out=(out_image, out_label))
     return label

@@ -457,6 +457,57 @@ def write_synthetic_dataset(out_dir: str, *, num_train: int = 2000, num_val: int
   return manifest
 
 
+def check_cache_path(path: str) -> None:
+  """Refuses a cache path that is a file, or a non-empty folder without a complete generated
+  dataset (``manifest.json`` + ``generator.json``): generating there would mix foreign files
+  with ours (or fail after minutes of work). Nothing is written."""
+  if not os.path.lexists(path):
+    return
+  if not os.path.isdir(path):
+    raise ValueError(f"config.data.data_dir: {path} is a file, not a folder for the procedural "
+                     "dataset; set config.data.data_dir to an empty or new folder.")
+  names = os.listdir(path)
+  if names and not {"manifest.json", GENERATOR_FILE} <= set(names):
+    shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+    raise ValueError(
+        f"config.data.data_dir: {path} is a non-empty folder ({shown}) that is not a procedural "
+        "dataset of fss_jax (no manifest.json + generator.json); nothing was written. Set "
+        "config.data.data_dir to an empty or new folder (the dataset is generated there).")
+
+
+def generate_cache(path: str, settings: dict, *, workers: int = 0) -> bool:
+  """Generates the dataset (``write_synthetic_dataset(**settings)``) into the cache folder
+  ``path``, atomically: into a temporary folder next to it (same parent, so same file system)
+  renamed into place at the end. The temporary folder is removed on any failure (and an
+  interruption), so no partial copy is left behind. ``path`` is checked first
+  (``check_cache_path``).
+
+  Returns:
+    True when this call's copy was put in place; False when another process completed ``path``
+    first (its copy is kept, ours removed).
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(os.path.expanduser(path))
+  check_cache_path(path)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    write_synthetic_dataset(tmp, workers=workers, progress=False, **settings)
+    try:
+      os.rename(tmp, path)  # also replaces an empty folder
+    except OSError:
+      if os.path.isfile(os.path.join(path, "manifest.json")):
+        return False  # someone else finished first: theirs is identical
+      raise
+    tmp = None
+    return True
+  finally:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- preview
 
 _PALETTE = np.array(

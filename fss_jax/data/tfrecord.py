@@ -224,6 +224,13 @@ class TFRecordReader:
           f"{path}: record {j} at byte {offset} is truncated (file changed after indexing?)")
     return _check_data(path, j, offset, blob)
 
+  def raw(self, i: int) -> bytes:
+    """Record i's data without the CRC check (for naming a damaged record: its id may still
+    parse); possibly short if the file changed after indexing."""
+    k, j = self.locate(i)
+    offset, length = (int(v) for v in self._indices[k][j])
+    return os.pread(self._fd(k), length, offset)
+
   def __iter__(self) -> Iterator[bytes]:
     for i in range(len(self)):
       yield self[i]

@@ -4,6 +4,7 @@ Images are RGB, (H, W, 3); labels uint8 (H, W) already made binary for the episo
 class ({0 background, 1 class, 255 ignore}, see `binarize_label`). Every random number
 comes from a passed `np.random.Generator`, drawn in this fixed order (per image):
 
+  0. (no draw) with `resize_longer` > 0, resize so the longer side is that many pixels
   1. scale factor              lo + (hi - lo) * rng.random()
   2. rotate?                   rng.random() < rotate_p; if so angle = lo + (hi - lo) * rng.random()
   3. blur?                     rng.random() < blur_p
@@ -48,6 +49,11 @@ class TrainAugConfig:
   flip_p: float = 0.5
   crop_keep: float = 0.85
   crop_redraws: int = 30
+  # > 0: first resize each image (bilinear; label nearest) so its longer side is this many
+  # pixels, then augment as above. 0 (off, the reference): crops are taken at the stored
+  # resolution, which only matches evaluation (whole image resized to `size`) when images
+  # are about `size` on their longer side, as PASCAL/COCO at 473. No random numbers drawn.
+  resize_longer: int = 0
 
 
 def check_size(size: int) -> int:
@@ -135,6 +141,22 @@ def _dst(scratch: Scratch | None, name: str, shape, dtype):
 def _scaled_hw(h: int, w: int, factor: float) -> tuple[int, int]:
   """cv2.resize's output size for fx = fy = factor (saturate_cast: round half to even)."""
   return round(h * factor), round(w * factor)
+
+
+def resize_longer(image, label, side: int, scratch: Scratch | None = None):
+  """Resizes so the longer side is `side` (the other rounded, >= 1): bilinear image, nearest
+  label (`TrainAugConfig.resize_longer`)."""
+  h, w = label.shape
+  ratio = side / max(h, w)
+  new_h, new_w = max(round(h * ratio), 1), max(round(w * ratio), 1)
+  if (new_h, new_w) == (h, w):
+    return image, label
+  image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR,
+                     dst=_dst(scratch, "long_img", (new_h, new_w) + image.shape[2:],
+                              image.dtype))
+  label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST,
+                     dst=_dst(scratch, "long_lab", (new_h, new_w), label.dtype))
+  return image, label
 
 
 def random_scale(image, label, rng, scale=(0.9, 1.1), scratch: Scratch | None = None):
@@ -287,6 +309,8 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
     image_f32 = scratch.get("float", image.shape, np.float32)
     np.copyto(image_f32, image)
     image = image_f32
+  if config.resize_longer > 0:
+    image, label = resize_longer(image, label, config.resize_longer, scratch)
   image, label = random_scale(image, label, rng, config.scale, scratch)
   image, label = random_rotate(image, label, rng, config.rotate, config.rotate_p, scratch)
   image = random_blur(image, rng, config.blur_kernel, config.blur_p, scratch)
