@@ -19,10 +19,15 @@ checkpoint; fss_jax/train/protocols.py lists what each fixes). Prints the protoc
 per-class table and mIoU / FB-IoU (mean ± std over seeds); ``--output`` writes them as JSON
 with the protocol, episode count, seeds and label mode first; ``--predictions`` writes a PNG of
 a few episodes (supports, truth, prediction).
+
+A config error (unknown ``--config.<field>``, wrong type, bad config argument, invalid value)
+is one line on stderr and exit code 2 (fss_jax/cli.py).
 """
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from fss_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
@@ -45,18 +50,22 @@ def main(argv):
   from fss_jax.train import sharding  # pylint: disable=g-import-not-at-top
   sharding.script_setup(argv, _DISTRIBUTED.value)
   import jax  # pylint: disable=g-import-not-at-top
-  from fss_jax import configs_lib  # pylint: disable=g-import-not-at-top
   from fss_jax.data import dataset_dir  # pylint: disable=g-import-not-at-top
   from fss_jax.data import visualize  # pylint: disable=g-import-not-at-top
   from fss_jax.models import registry  # pylint: disable=g-import-not-at-top
   from fss_jax.train import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
-  configs_lib.validate_config(config)
+  config = cli.checked_config(_CONFIG)  # errors: one line, exit 2
   mesh = sharding.make_mesh()
   model = registry.build_model(config)
-  variables, source = evaluator_lib.load_variables(
-      model, config, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value, step=_STEP.value)
+  from fss_jax.convert import torch_import  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  try:
+    variables, source = evaluator_lib.load_variables(
+        model, config, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value, step=_STEP.value)
+  except (ckpt_lib.CheckpointRestoreError, ckpt_lib.NonFiniteWeightsError,
+          torch_import.CheckpointMismatchError, FileNotFoundError) as e:
+    cli.fail(f"{type(e).__name__}: {e}", cli.EXIT_FAILED)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   data = dataset_dir.prepare(config)
   protocol = evaluator_lib.protocol_settings(config)
@@ -81,4 +90,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

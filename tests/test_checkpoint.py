@@ -151,3 +151,164 @@ def test_bad_arguments(tmp_path):
       mgr.restore()
     with pytest.raises(TypeError, match="not a scalar"):
       mgr.save(1, _state(), metrics={"x": [1, 2]})
+
+
+# ---------------------------------------------------------------- damage (issue 16)
+
+
+def _two_checkpoints(tmp_path):
+  """Steps 1 and 2, each with the iterator state; returns the batches expected after step 1."""
+  it = _iterator()
+  with ckpt.CheckpointManager(str(tmp_path), max_to_keep=3) as mgr:
+    next(it)
+    mgr.save(1, _state(1), it)
+    mgr.wait()
+    after_1 = [next(it) for _ in range(3)]
+    mgr.save(2, _state(2), it)
+  return after_1
+
+
+def _truncate(path, size=None):
+  os.truncate(path, os.path.getsize(path) // 2 if size is None else size)
+
+
+def _state_data_files(tmp_path, step):
+  """The array-data files Orbax (OCDBT) wrote for ``step``: ``state/d/*``."""
+  d = tmp_path / "checkpoints" / str(step) / "state" / "d"
+  files = sorted(str(p) for p in d.iterdir())
+  assert files
+  return files
+
+
+@pytest.mark.parametrize("damage", ["array_file", "empty_json", "invalid_json", "state_meta"])
+def test_damaged_latest_falls_back_or_refuses(tmp_path, damage):
+  after_1 = _two_checkpoints(tmp_path)
+  step2 = tmp_path / "checkpoints" / "2"
+  if damage == "array_file":
+    target = _state_data_files(tmp_path, 2)[0]
+    _truncate(target)
+  elif damage == "state_meta":
+    target = str(step2 / "state" / "_METADATA")
+    _truncate(target)
+  else:
+    target = str(step2 / "data_iter" / "process_0-of-1.json")
+    with open(target, "w") as f:
+      f.write("" if damage == "empty_json" else "{not json")
+
+  mgr = ckpt.CheckpointManager(str(tmp_path), max_to_keep=3)
+  # Refusing: one error naming the step, folder and file; the original exception chained.
+  with pytest.raises(ckpt.CheckpointRestoreError) as info:
+    mgr.restore_latest(_state(), _iterator(), fallback=False)
+  e = info.value
+  assert e.step == 2 and e.file == target and e.directory == str(step2)
+  assert f"step 2 in {tmp_path}" in str(e) and target in str(e)
+  assert "restore_fallback=False" in str(e) and e.__cause__ is not None
+  assert "Traceback" not in str(e) and len(str(e)) < 1200
+  assert mgr.all_steps() == [1, 2] and step2.is_dir()  # nothing moved when refusing
+
+  # Falling back: one log line, the damaged checkpoint moved aside (kept), step 1 restored
+  # with the iterator continuing exactly after step 1.
+  lines = []
+  fresh = _iterator()
+  restored = mgr.restore_latest(_state(), fresh, fallback=True, log=lines.append)
+  assert restored.step == 1
+  _assert_trees_equal(restored.state, _state(1))
+  for b in after_1:
+    np.testing.assert_array_equal(next(fresh), b)
+  moved = tmp_path / "damaged_checkpoints" / "2"
+  assert len(lines) == 1 and "\n" not in lines[0]
+  assert "step 2" in lines[0] and target in lines[0] and str(moved) in lines[0]
+  assert "step 1" in lines[0]
+  assert moved.is_dir() and not step2.exists() and mgr.all_steps() == [1]
+  # The next save of step 2 goes to a fresh folder.
+  mgr.save(2, _state(2), fresh)
+  mgr.close()
+
+
+def test_damaged_only_checkpoint_is_an_error_and_load_model_variables_names_the_file(tmp_path):
+  state = {"frozen": {"a": jnp.ones(3)}, "trainable": {"b": jnp.zeros(2)}, "batch_stats": {}}
+  with ckpt.CheckpointManager(str(tmp_path)) as mgr:
+    mgr.save(5, state)
+  target = str(tmp_path / "checkpoints" / "5" / "state" / "d" /
+                os.listdir(tmp_path / "checkpoints" / "5" / "state" / "d")[0])
+  _truncate(target)
+  with pytest.raises(ckpt.CheckpointRestoreError, match="step 5.*" + target) as info:
+    ckpt.load_model_variables(str(tmp_path), "latest")
+  assert info.value.file == target
+  mgr = ckpt.CheckpointManager(str(tmp_path))
+  with pytest.raises(ckpt.CheckpointRestoreError, match="No older checkpoint"):
+    mgr.restore_latest(fallback=True, log=lambda _: None)
+  assert mgr.all_steps() == [5]  # not moved: nothing to fall back to
+  mgr.close()
+
+
+def test_nan_weights_are_refused_for_evaluation(tmp_path):
+  state = {"frozen": {"backbone": {"w": jnp.ones(3)}},
+           "trainable": {"head": {"kernel": jnp.array([1.0, jnp.nan])}}, "batch_stats": {}}
+  with ckpt.CheckpointManager(str(tmp_path)) as mgr:
+    mgr.save(3, state)
+  with pytest.raises(ckpt.NonFiniteWeightsError, match=r"\['params'\]\['head'\]\['kernel'\]"):
+    ckpt.load_model_variables(str(tmp_path), "latest")
+  variables, _ = ckpt.load_model_variables(str(tmp_path), "latest", check_finite=False)
+  assert np.isnan(variables["params"]["head"]["kernel"][1])
+
+
+def _enospc_on_step(monkeypatch, bad_step):
+  """Makes the metadata write of ``bad_step`` fail with ENOSPC inside Orbax's async save."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  original = ocp.JsonCheckpointHandler._save_fn  # pylint: disable=protected-access
+
+  async def failing(self, x, directory):
+    if x.get("step") == bad_step:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+    return await original(self, x, directory)
+
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", failing)
+
+
+def test_write_failure_is_one_clear_error_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  _enospc_on_step(monkeypatch, 2)
+  mgr = ckpt.CheckpointManager(str(tmp_path), max_to_keep=3)
+  mgr.save(1, _state(1))
+  mgr.wait()
+  mgr.save(2, _state(2))
+  with pytest.raises(ckpt.CheckpointWriteError) as info:
+    mgr.wait()
+  e = info.value
+  assert e.errno == errno.ENOSPC and e.step == 2
+  assert "step 2" in str(e) and str(tmp_path) in str(e) and "No space left" in str(e)
+  assert "Free disk space" in str(e) and isinstance(e.__cause__, OSError)
+  assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
+  assert mgr.all_steps() == [1]
+  mgr.wait()  # reported once
+  mgr.close()
+  _assert_trees_equal(ckpt.CheckpointManager(str(tmp_path)).restore(1, _state()).state, _state(1))
+
+
+def test_unwritable_workdir_is_reported_before_the_run(tmp_path, monkeypatch):
+  import builtins  # pylint: disable=g-import-not-at-top
+  import errno  # pylint: disable=g-import-not-at-top
+  ckpt.check_workdir_writable(str(tmp_path / "new"))  # creates it
+  real_open = builtins.open
+
+  def read_only(path, mode="r", *a, **k):
+    if "w" in mode and ".write_probe" in str(path):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    return real_open(path, mode, *a, **k)
+
+  monkeypatch.setattr(builtins, "open", read_only)
+  with pytest.raises(ckpt.CheckpointWriteError, match="Read-only file system.*EROFS"):
+    ckpt.check_workdir_writable(str(tmp_path / "new"))
+
+
+def test_a_mismatched_template_is_not_damage_and_moves_nothing(tmp_path):
+  _two_checkpoints(tmp_path)
+  mgr = ckpt.CheckpointManager(str(tmp_path), max_to_keep=3)
+  other = {"params": {"other": jnp.ones(5)}, "step": jnp.int32(0)}
+  with pytest.raises(ckpt.CheckpointRestoreError, match="readable but does not restore") as info:
+    mgr.restore_latest(other, fallback=True, log=lambda _: pytest.fail("fell back"))
+  assert not info.value.damaged and info.value.step == 2
+  assert mgr.all_steps() == [1, 2] and not (tmp_path / "damaged_checkpoints").exists()
+  mgr.close()

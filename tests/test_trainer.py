@@ -86,11 +86,13 @@ def test_sigterm_saves_and_the_next_run_resumes(data_dir, tmp_path, monkeypatch)
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   workdir = str(tmp_path / "nan")
   config = _config(data_dir, total_steps=6, lr=1e30, checkpoint_every=1, eval_every=0)
-  with pytest.raises(ckpt_lib.NonFiniteLossError, match="Non-finite loss"):
+  # The first update makes the parameters huge while step 1's loss is still finite: the
+  # divergence guard (a NonFiniteLossError) stops the run before that state is saved (before
+  # issue 16 step 1 was checkpointed with ~1e28 parameters and the run stopped at step 2).
+  with pytest.raises(ckpt_lib.NonFiniteLossError, match="step 1: .*parameter norm"):
     trainer.train_and_evaluate(config, workdir)
-  variables, step = ckpt_lib.load_model_variables(workdir, "latest")
-  assert 1 <= step < 6
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    ckpt_lib.load_model_variables(workdir, "latest")
   rows = logging_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 

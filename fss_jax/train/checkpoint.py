@@ -14,15 +14,31 @@ Retention is "the last ``max_to_keep`` plus the best one by ``best_metric``": a 
 after it falls out of the last N (Orbax's plain ``best_fn`` + ``max_to_keep`` would instead keep
 the best N). Checkpoints saved without metrics are never "best". A metric that is missing or
 not finite ranks worst.
+
+Damage (see ``restore``, ``restore_latest``, ``save``, ``wait``):
+  * a checkpoint that cannot be read raises ``CheckpointRestoreError`` naming its step, folder
+    and (when it can be told) the damaged file; ``restore_latest(fallback=True)`` moves such a
+    checkpoint to ``<workdir>/damaged_checkpoints/<step>`` (never deleted), says so in one line
+    and restores the previous one;
+  * a failed write (full disk, permissions, read-only file system) raises
+    ``CheckpointWriteError`` from ``save``/``wait``, naming the step, folder and errno, after
+    removing the partial ``<step>.orbax-checkpoint-tmp*`` folder;
+  * ``DivergenceGuard`` checks a state before it is saved (finite loss and parameters, bounded
+    parameter norm); ``check_finite_variables`` refuses NaN/inf weights for evaluation/export.
 """
+import errno as errno_lib
 import json
 import math
 import os
+import re
+import shutil
 import time
 from typing import Any, Mapping, NamedTuple, Optional
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
@@ -48,6 +64,181 @@ def check_finite(value: Any, step: int, name: str = "loss") -> float:
         f"Non-finite {name} ({v}) at step {step}. The last saved checkpoint is intact; lower the "
         f"learning rate or inspect the batch of this step before resuming.")
   return v
+
+
+class DivergenceError(NonFiniteLossError):
+  """Raised when the parameters are not finite or their norm exploded (``DivergenceGuard``)."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint could not be read. ``step``, ``directory`` and ``file`` (None when unknown)."""
+
+  def __init__(self, message: str, step: Optional[int] = None, directory: Optional[str] = None,
+               file: Optional[str] = None, damaged: bool = True):
+    super().__init__(message)
+    self.step, self.directory, self.file = step, directory, file
+    self.damaged = damaged  # False: the checkpoint reads, but not into the requested structure
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (``errno``: e.g. ``errno.ENOSPC``; None when unknown)."""
+
+  def __init__(self, message: str, step: Optional[int] = None, directory: Optional[str] = None,
+               errno: Optional[int] = None):
+    super().__init__(message)
+    self.step, self.directory, self.errno = step, directory, errno
+
+
+class NonFiniteWeightsError(ValueError):
+  """Model variables hold NaN or ±inf (``check_finite_variables``)."""
+
+
+def _exception_chain(exc: BaseException) -> list:
+  out, seen = [], set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    out.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return out
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+  text = " ".join(str(exc).split())
+  return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+_ERRNO_TEXT = (("No space left on device", errno_lib.ENOSPC),
+               ("Disk quota exceeded", errno_lib.EDQUOT),
+               ("Read-only file system", errno_lib.EROFS),
+               ("Permission denied", errno_lib.EACCES),
+               ("Operation not permitted", errno_lib.EPERM))
+
+
+def _find_errno(exc: BaseException) -> Optional[int]:
+  """The errno of the first OSError in the chain, else one recognised in a message (TensorStore
+  reports its own file errors as ValueError text)."""
+  chain = _exception_chain(exc)
+  for e in chain:
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+  for e in chain:
+    for text, code in _ERRNO_TEXT:
+      if text in str(e):
+        return code
+  return None
+
+
+def check_workdir_writable(workdir: str) -> None:
+  """Creates ``workdir`` if needed and writes + removes a probe file there (and in its
+  ``checkpoints/`` when that exists); raises ``CheckpointWriteError`` with the reason."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  folders = [workdir] + [p for p in [os.path.join(workdir, "checkpoints")] if os.path.isdir(p)]
+  for folder in folders:
+    probe = os.path.join(folder, f".write_probe.{os.getpid()}")
+    try:
+      os.makedirs(folder, exist_ok=True)
+      with open(probe, "wb") as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+      os.remove(probe)
+    except OSError as e:
+      code = e.errno
+      reason = os.strerror(code) if code else str(e)
+      raise CheckpointWriteError(
+          f"The run directory {folder} is not writable ({reason}"
+          f"{', errno ' + errno_lib.errorcode.get(code, str(code)) if code else ''}): checkpoints "
+          "and logs cannot be saved. Free disk space, fix its permissions or choose another "
+          "--workdir.", directory=folder, errno=code) from e
+
+
+def check_finite_variables(variables: Any, source: str = "variables") -> None:
+  """Raises ``NonFiniteWeightsError`` naming the first parameter path holding NaN or ±inf."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+    x = np.asarray(leaf)
+    if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+      bad.append((jax.tree_util.keystr(path), int(np.sum(~np.isfinite(x))), x.size))
+  if bad:
+    path, n, size = bad[0]
+    more = f" (and {len(bad) - 1} more parameter(s))" if len(bad) > 1 else ""
+    raise NonFiniteWeightsError(
+        f"{source}: parameter {path} holds {n} of {size} non-finite values (NaN/inf){more}; "
+        "these weights come from a diverged run and cannot be evaluated or exported. Use an "
+        "earlier checkpoint (--step).")
+
+
+class DivergenceGuard:
+  """The checks a training state passes before it is saved or ranked as "best".
+
+  1. the training loss of the steps since the last check is finite;
+  2. every trainable parameter and batch statistic is finite;
+  3. the global L2 norm of the trainable parameters stays at most
+     ``max_norm_ratio × max(reference, 1)``, the reference being that norm at the start of the
+     run or at resume (``reset``). ``max_norm_ratio = 0`` switches check 3 off.
+
+  A failed check raises ``DivergenceError`` (a ``NonFiniteLossError``) naming the step and the
+  check; nothing is saved.
+  """
+
+  def __init__(self, max_norm_ratio: float = 1e3):
+    if not max_norm_ratio >= 0:
+      raise ValueError(f"max_norm_ratio must be >= 0, got {max_norm_ratio}.")
+    self.max_norm_ratio = float(max_norm_ratio)
+    self.reference = None
+
+    def stats(params, others):
+      leaves = jax.tree_util.tree_leaves_with_path((params, others))
+      finite = [jnp.all(jnp.isfinite(x)) for _, x in leaves
+                if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+      xs = [x.astype(jnp.float32) for x in jax.tree.leaves(params)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+      if not xs:
+        return finite, jnp.float32(0)
+      # Scaled by the largest |x| so that huge (finite) parameters do not overflow to inf.
+      big = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in xs]))
+      scale = jnp.where(big > 0, big, 1.0)
+      norm = scale * jnp.sqrt(sum(jnp.sum(jnp.square(x / scale)) for x in xs))
+      return finite, norm
+
+    self._stats = jax.jit(stats)
+
+  def _paths(self, params, others):
+    return [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path((params, others))
+            if np.issubdtype(np.dtype(x.dtype), np.inexact)]
+
+  def reset(self, params, others=None) -> float:
+    """Sets the reference norm from ``params`` (the run's start or resume); returns it."""
+    _, norm = jax.device_get(self._stats(params, others or {}))
+    self.reference = float(norm)
+    return self.reference
+
+  def check(self, step: int, params, others=None, loss_finite: bool = True) -> float:
+    """Raises ``DivergenceError`` when a check fails; returns the parameter norm."""
+    if not loss_finite:
+      raise DivergenceError(
+          f"Divergence at step {step}: the training loss is not finite (check 1, loss); the "
+          "state is not saved and the last checkpoint is kept. Lower config.train.lr or inspect "
+          "the batches before resuming.")
+    finite, norm = jax.device_get(self._stats(params, others or {}))
+    norm = float(norm)
+    if not all(bool(f) for f in finite):
+      paths = [p for p, f in zip(self._paths(params, others or {}), finite) if not f]
+      raise DivergenceError(
+          f"Divergence at step {step}: non-finite parameters (check 2, parameters finite), "
+          f"e.g. {paths[0]} ({len(paths)} array(s)); the state is not saved and the last "
+          "checkpoint is kept. Lower config.train.lr before resuming.")
+    if self.reference is None:
+      self.reference = norm
+    limit = self.max_norm_ratio * max(self.reference, 1.0)
+    if self.max_norm_ratio and not norm <= limit:
+      raise DivergenceError(
+          f"Divergence at step {step}: the trainable-parameter norm {norm:.4g} exceeds "
+          f"train.max_param_norm_ratio ({self.max_norm_ratio:g}) x its value at the start/resume "
+          f"({self.reference:.4g}) (check 3, parameter norm); the state is not saved and the last "
+          "checkpoint is kept. Lower config.train.lr (or raise max_param_norm_ratio if this "
+          "growth is expected).")
+    return norm
 
 
 class Restored(NamedTuple):
@@ -133,6 +324,7 @@ class CheckpointManager:
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
                        DATA_ITER: grain.checkpoint.CheckpointHandler(),
                        METADATA: ocp.JsonCheckpointHandler()})
+    self._pending_step = None  # the step of a save not yet checked by wait()
 
   def _metric_value(self, metrics: Mapping[str, Any]) -> float:
     worst = -math.inf if self.best_mode == "max" else math.inf
@@ -166,8 +358,55 @@ class CheckpointManager:
     items = {STATE: ocp.args.StandardSave(state), METADATA: ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items[DATA_ITER] = grain.checkpoint.CheckpointSave(_iterator_item(data_iterator))
-    return self._manager.save(int(step), args=ocp.args.Composite(**items),
-                              metrics=metrics, force=force)
+    self.wait()  # a failure of the previous (asynchronous) save surfaces before this one
+    self._pending_step = int(step)
+    try:
+      return self._manager.save(int(step), args=ocp.args.Composite(**items),
+                                metrics=metrics, force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      self._pending_step = None
+      raise self._write_error(int(step), e) from e
+
+  def _write_error(self, step: int, exc: BaseException) -> CheckpointWriteError:
+    """Removes the partial ``<step>.orbax-checkpoint-tmp*`` folder; the error to raise."""
+    removed = []
+    if jax.process_index() == 0:
+      # Writes of the other items may still be in flight (and recreate folders): remove until
+      # the folder stays gone for a moment.
+      quiet = 0
+      for _ in range(60):
+        names = [n for n in (os.listdir(self.directory) if os.path.isdir(self.directory) else [])
+                 if n.startswith(f"{step}.orbax-checkpoint-tmp")]
+        if not names:
+          quiet += 1
+          if quiet >= 3:
+            break
+        for name in names:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+          if name not in removed:
+            removed.append(name)
+        time.sleep(0.1 if not names else 0.2)
+    try:
+      self._manager.reload()
+      kept = self.all_steps()
+    except Exception:  # pylint: disable=broad-except
+      kept = "unknown"
+    code = _find_errno(exc)
+    if code is not None:
+      reason = f"{os.strerror(code)} (errno {errno_lib.errorcode.get(code, code)})"
+    else:
+      reason = _short(exc)
+    if code in (errno_lib.ENOSPC, errno_lib.EDQUOT):
+      advice = "Free disk space (or move --workdir to a larger disk)"
+    elif code in (errno_lib.EACCES, errno_lib.EPERM, errno_lib.EROFS):
+      advice = "Make the folder writable (or choose another --workdir)"
+    else:
+      advice = "Fix the cause"
+    return CheckpointWriteError(
+        f"Could not write checkpoint step {step} to {self.directory}: {reason}. The run stops "
+        f"here; {'the partial checkpoint ' + ', '.join(removed) + ' was removed; ' if removed else ''}"
+        f"the checkpoints kept are {kept}. {advice}, then run the same command again to resume "
+        "from the last checkpoint.", step=step, directory=self.directory, errno=code)
 
   # ---- restoring ----
   def restore(self, step: Optional[int] = None, state_template: Any = None,
@@ -193,17 +432,122 @@ class CheckpointManager:
     if step not in self.all_steps():
       raise FileNotFoundError(
           f"No checkpoint for step {step} in {self.directory} (have {self.all_steps()}).")
-    if state_template is None:
-      state_template = self._local_template(step)
-    items = {STATE: ocp.args.StandardRestore(state_template), METADATA: ocp.args.JsonRestore()}
     if data_iterator is not None:
       if not os.path.isdir(os.path.join(self.directory, str(step), DATA_ITER)):
         raise FileNotFoundError(
             f"Checkpoint {self.directory}/{step} holds no data-iterator state; pass "
             "data_iterator=None to restore the model state alone.")
-      items[DATA_ITER] = grain.checkpoint.CheckpointRestore(_iterator_item(data_iterator))
-    out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      if state_template is None:
+        state_template = self._local_template(step)
+      items = {STATE: ocp.args.StandardRestore(state_template),
+               METADATA: ocp.args.JsonRestore()}
+      if data_iterator is not None:
+        items[DATA_ITER] = grain.checkpoint.CheckpointRestore(_iterator_item(data_iterator))
+      out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._restore_error(int(step), e) from e
     return Restored(int(step), out[STATE], dict(out[METADATA]))
+
+  def _damaged_file(self, step: int, exc: BaseException) -> Optional[str]:
+    """The file of checkpoint ``step`` that failed to read, when it can be told: a path of the
+    step's folder named in the error chain (TensorStore names them), else a JSON file of the
+    step that does not parse, else an empty file."""
+    step_dir = os.path.join(self.directory, str(step))
+    pattern = re.compile(re.escape(step_dir + os.sep) + r"[^\s\"',:;()\[\]]+")
+    named = [m.group(0) for e in _exception_chain(exc) for m in pattern.finditer(str(e))]
+    named = [p for p in named if os.path.isfile(p)]
+    if named:
+      return named[-1]
+    empty = None
+    for root, _, files in sorted(os.walk(step_dir)):
+      for name in sorted(files):
+        path = os.path.join(root, name)
+        if name == "commit_success.txt":
+          continue
+        if empty is None and os.path.getsize(path) == 0:
+          empty = path
+        if (name.endswith(".json") or name in (METADATA, "_METADATA", "_CHECKPOINT_METADATA")
+            or os.path.basename(root) == "array_metadatas"):
+          try:
+            with open(path) as f:
+              json.load(f)
+          except (OSError, ValueError):
+            return path
+    return empty
+
+  def _readable(self, step: int) -> bool:
+    """Whether checkpoint ``step`` reads as saved (its own structure, no data iterator)."""
+    try:
+      self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(self._local_template(step)),
+          METADATA: ocp.args.JsonRestore()}))
+      return True
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+  def _restore_error(self, step: int, exc: BaseException) -> CheckpointRestoreError:
+    file = self._damaged_file(step, exc)
+    step_dir = os.path.join(self.directory, str(step))
+    if file is None and self._readable(step):  # e.g. a template of another model: not damage
+      return CheckpointRestoreError(
+          f"Checkpoint step {step} in {self.directory} is readable but does not restore into "
+          f"this run's state (another model or config?): {_short(exc)}", step=step,
+          directory=step_dir, damaged=False)
+    where = f"file {file}" if file else "a file of it (not identified)"
+    return CheckpointRestoreError(
+        f"Checkpoint step {step} in {self.directory} cannot be read: {where} is damaged or "
+        f"truncated ({_short(exc)}).", step=step, directory=step_dir, file=file)
+
+  def restore_latest(self, state_template: Any = None, data_iterator: Any = None,
+                     fallback: bool = True, log=print) -> Optional[Restored]:
+    """Restores the newest readable checkpoint; None when there is none.
+
+    A checkpoint that cannot be read raises ``CheckpointRestoreError`` when ``fallback`` is
+    False, or when no older checkpoint is left to try. With ``fallback`` it is moved (never
+    deleted) to ``<workdir>/damaged_checkpoints/<step>``, one line says so through ``log``, and
+    the previous checkpoint is tried (the data iterator is set again from that one). A
+    checkpoint that reads but does not fit ``state_template`` (``damaged=False``: another
+    model?) is never moved: its error is raised.
+    """
+    while True:
+      step = self.latest_step()
+      if step is None:
+        return None
+      try:
+        return self.restore(step, state_template, data_iterator)
+      except CheckpointRestoreError as e:
+        older = [s for s in self.all_steps() if s < step]
+        if not e.damaged:
+          raise
+        if not fallback:
+          raise CheckpointRestoreError(
+              f"{e} Not falling back to an older checkpoint (train.restore_fallback=False; "
+              f"older: {older or 'none'}): move {e.directory} aside or repair it.",
+              e.step, e.directory, e.file) from e.__cause__
+        if not older:
+          raise CheckpointRestoreError(
+              f"{e} No older checkpoint to fall back to: move {e.directory} aside to start "
+              "from step 0.", e.step, e.directory, e.file) from e.__cause__
+        moved = self.move_aside(step)
+        log(f"WARNING: {e} Moved it to {moved} (kept for inspection) and falling back to the "
+            f"previous checkpoint, step {older[-1]}.")
+
+  def move_aside(self, step: int) -> str:
+    """Moves checkpoint ``step`` to ``<workdir>/damaged_checkpoints/<step>[.n]``; its new path."""
+    src = os.path.join(self.directory, str(step))
+    parent = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+    dest, n = os.path.join(parent, str(step)), 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(parent, f"{step}.{n}"), n + 1
+    if jax.process_index() == 0:
+      os.makedirs(parent, exist_ok=True)
+      shutil.move(src, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"fss_jax_move_aside_{step}")
+    self._manager.reload()
+    return dest
 
   def _local_template(self, step: int) -> Any:
     """The saved state's structure, every array placed on this process's first device.
@@ -245,11 +589,26 @@ class CheckpointManager:
     return sorted(self._manager.all_steps())
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are written."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are written; a failed write raises
+    ``CheckpointWriteError`` (once) after removing the partial checkpoint."""
+    if self._pending_step is None:
+      return
+    step = self._pending_step
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(step, e) from e
+    finally:
+      self._pending_step = None
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass  # a failed save was reported by wait(); Orbax re-raises it on close
 
   def __enter__(self):
     return self
@@ -258,13 +617,16 @@ class CheckpointManager:
     self.close()
 
 
-def load_model_variables(workdir: str, step: Any = "best") -> tuple:
+def load_model_variables(workdir: str, step: Any = "best", check_finite: bool = True) -> tuple:
   """Model variables {'params', 'batch_stats'} of a training run's checkpoint, on the host.
 
   Args:
     workdir: the run directory given to ``train.py`` (holding ``checkpoints/``).
     step: an int, 'latest', or 'best' (the best by ``BEST_METRIC``; the latest when no
       checkpoint carries metrics).
+    check_finite: raise ``NonFiniteWeightsError`` (naming the parameter) for NaN/inf weights.
+
+  A damaged checkpoint raises ``CheckpointRestoreError`` naming its step, folder and file.
 
   Returns:
     (variables as nested dicts of numpy arrays, the step read).
@@ -283,11 +645,19 @@ def load_model_variables(workdir: str, step: Any = "best") -> tuple:
         step = int(step)
       except (TypeError, ValueError) as e:
         raise ValueError(f"step must be an int, 'latest' or 'best', got {step!r}.") from e
-    state = mgr.restore(step).state
+    try:
+      state = mgr.restore(step).state
+    except CheckpointRestoreError as e:
+      others = [s for s in steps if s != step]
+      raise CheckpointRestoreError(
+          f"{e} Other checkpoints of this run: {others or 'none'} (pass one as the step).",
+          e.step, e.directory, e.file, e.damaged) from e.__cause__
   finally:
     mgr.close()
   state = jax.device_get(state)
   variables = {"params": {**state["frozen"], **state["trainable"]}}
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]
+  if check_finite:
+    check_finite_variables(variables, f"checkpoint step {step} in {mgr.directory}")
   return variables, int(step)

@@ -335,6 +335,9 @@ def load_variables(model, config, *, workdir: Optional[str] = None,
       (e.g. the authors' trained model, ``module.`` prefixes and ``{'state_dict': ...}``
       accepted) or a ``.msgpack`` written by ``scripts/import_checkpoint.py``.
 
+  Weights holding NaN or ±inf raise ``checkpoint.NonFiniteWeightsError`` naming the parameter;
+  a damaged run checkpoint raises ``checkpoint.CheckpointRestoreError`` naming step and file.
+
   Returns:
     (variables, description of the source).
   """
@@ -342,6 +345,8 @@ def load_variables(model, config, *, workdir: Optional[str] = None,
   if (workdir is None) == (checkpoint is None):
     raise ValueError("Give exactly one of workdir (a training run) or checkpoint (a file).")
   if workdir is not None:
-    variables, read = ckpt_lib.load_model_variables(workdir, step)
+    variables, read = ckpt_lib.load_model_variables(workdir, step)  # refuses NaN/inf weights
     return variables, f"{workdir} step {read}"
-  return weights.read_model(checkpoint, model, config), checkpoint
+  variables = weights.read_model(checkpoint, model, config)
+  ckpt_lib.check_finite_variables(variables, checkpoint)
+  return variables, checkpoint

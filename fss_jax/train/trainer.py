@@ -16,6 +16,17 @@ Restarts: the workdir's latest checkpoint (train state + Grain iterator state) i
 automatically, so a killed run continues with exactly the batches and random numbers it would
 have seen (per-step randomness is ``fold_in(seed, step)``). SIGTERM / SIGINT save a checkpoint at
 the next step boundary and return; a non-finite loss stops the run without saving.
+
+Damage: a newest checkpoint that cannot be read is moved to ``<workdir>/damaged_checkpoints/``
+(one log line) and the previous intact one is resumed (``train.restore_fallback = False``: stop
+with ``checkpoint.CheckpointRestoreError`` instead). Each save is waited for: a failed write
+(full disk, permissions) stops the run there with ``checkpoint.CheckpointWriteError`` and no
+partial checkpoint; the workdir is probed for writing before any set-up. Divergence guard
+(``checkpoint.DivergenceGuard``), before every evaluation/save: the loss since the last check
+and all trainable parameters and batch statistics are finite, and the trainable parameters'
+global L2 norm is ≤ ``train.max_param_norm_ratio`` × max(its value at the start or resume, 1)
+(ratio 0: no norm check); otherwise ``checkpoint.DivergenceError`` (a ``NonFiniteLossError``)
+names the step and the check, and the state is neither scored nor saved.
 """
 import os
 import signal
@@ -39,6 +50,7 @@ from fss_jax.train import logging as logging_lib
 from fss_jax.train import optim
 from fss_jax.train import sharding
 from fss_jax.train import step as step_lib
+from fss_jax.train import workdir as workdir_lib
 
 SELECT_METRIC = ckpt_lib.BEST_METRIC
 
@@ -139,10 +151,23 @@ def train_and_evaluate(config, workdir: str,
   Returns:
     dict with ``step`` (steps done), ``stopped`` (True when interrupted by a signal) and, when
     training completed, the final evaluation ``final`` (see ``final_metrics.json``).
+    ``scripts/train.py`` exits 143 (128 + SIGTERM) when ``stopped``.
+
+  Raises:
+    workdir.WorkdirLockedError: another run holds ``workdir/train.lock`` (one run per workdir;
+      ``config.train.break_lock``), see ``fss_jax/train/workdir.py``.
+    workdir.ConfigChangedError: the workdir holds checkpoints of a run with another config
+      (``config.train.accept_changes`` lets listed changes through).
   """
   configs_lib.validate_config(config)
-  d, t = config.data, config.train
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  with workdir_lib.claim(config, workdir, log=log):  # lock + config check on resume
+    return _train_and_evaluate(config, workdir, step_hook)
+
+
+def _train_and_evaluate(config, workdir: str, step_hook) -> dict:
+  d, t = config.data, config.train
+  ckpt_lib.check_workdir_writable(workdir)  # full disk / read-only: say so before any set-up
   dataset_dir = dataset_dir_lib.prepare(config)
   mesh = sharding.make_mesh()
   local_batch = sharding.local_batch_size(int(d.train_batch_size), mesh)
@@ -177,11 +202,15 @@ def train_and_evaluate(config, workdir: str,
       f"{optim.count_params(state.frozen):,} frozen")
 
   # ---- data ----
+  scale_msg = dataset_dir_lib.scale_warning(config, manifest)
+  if scale_msg:
+    log(scale_msg)
   train_ds = pipeline.train_dataset(
       dataset_dir, d.fold, d.shot, d.image_size, int(d.seed), local_batch,
       jax.process_index(), jax.process_count(), int(d.num_workers), split=d.train_split,
       aug=dataset_dir_lib.train_aug(config), min_pixels=int(d.min_class_pixels),
-      read_threads=int(d.read_threads))
+      read_threads=int(d.read_threads),
+      skip_bad_records=bool(d.get("skip_bad_records", False)))
   train_iter = iter(train_ds)
 
   # In-training selection: cheap and protocol-independent. The final evaluation: the protocol.
@@ -194,12 +223,14 @@ def train_and_evaluate(config, workdir: str,
   ckpt = ckpt_lib.CheckpointManager(workdir, max_to_keep=int(t.keep_checkpoints),
                                     keep_best=True, best_metric=SELECT_METRIC)
   start = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    restored = ckpt.restore(latest, state_template=_abstract(state, replicated),
-                            data_iterator=train_iter)
+  # The newest intact checkpoint: a damaged one is moved aside (train.restore_fallback).
+  restored = ckpt.restore_latest(_abstract(state, replicated), train_iter,
+                                 fallback=bool(t.get("restore_fallback", True)), log=log)
+  if restored is not None:
     state, start = restored.state, restored.step
     log(f"resumed from {ckpt.directory}/{start}")
+  guard = ckpt_lib.DivergenceGuard(float(t.get("max_param_norm_ratio", 1e3)))
+  guard.reset(state.trainable)  # the reference norm: at the start of the run or at resume
   if start > plan.total_steps:
     raise ValueError(f"{workdir} holds a checkpoint at step {start}, beyond this config's "
                      f"{plan.total_steps} steps; use another --workdir.")
@@ -258,11 +289,20 @@ def train_and_evaluate(config, workdir: str,
                 f"acc {scalars['pixel_acc']:.3f}  {scalars['episodes_per_s']:.1f} ep/s")
           pending, last_log, last_log_time = [], step, now
 
-        scores = evaluate(step) if plan.is_eval_step(step) else None
-        boundary = scores is not None or plan.is_checkpoint_step(step)
+        is_eval = plan.is_eval_step(step)
+        boundary = is_eval or plan.is_checkpoint_step(step)
+        check = lambda: guard.check(  # divergence guard: before this state is scored or saved
+            step, state.trainable, state.batch_stats,
+            loss_finite=bool(np.all(jax.device_get([p["finite"] for p in pending]))))
+        if boundary:
+          check()
+        scores = evaluate(step) if is_eval else None
         stopping = stop.requested(sync=boundary or step % plan.log_every == 0)
         if boundary or stopping:
+          if not boundary:
+            check()
           ckpt.save(step, state, train_iter, metrics=scores, force=True)
+          ckpt.wait()  # a failed write (full disk, ...) stops the run here: CheckpointWriteError
         result["step"] = step
         if stopping:
           log(f"stopped at step {step}; checkpoint saved in {ckpt.directory}. Run the same "
