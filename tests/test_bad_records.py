@@ -286,10 +286,29 @@ def test_scale_warning_for_photographs_at_small_image_size():
   assert dataset_dir_lib.scale_warning(config, _manifest_with_sides(360, 477)) is None
 
 
-def test_trainer_logs_the_scale_warning():
-  import inspect
-  from fss_jax.train import trainer
-  assert "dataset_dir_lib.scale_warning(config, manifest)" in inspect.getsource(trainer)
+def test_trainer_logs_the_scale_warning(tmp_path, monkeypatch, capsys):
+  """The trainer warns at start-up, before the model is built, when the images are far larger
+  than data.image_size (the tiny dataset's ~80 px scenes trained at 17 px: ~4.7x)."""
+  from fss_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+  class Stop(Exception):
+    pass
+
+  def stop(*_):
+    raise Stop()
+  config = configs_lib.load_config("configs/tiny_asgnet.py")
+  config.data.data_dir = str(tmp_path / "data")
+  config.data.image_size = 17
+  monkeypatch.setattr(trainer.registry, "build_model", stop)
+  with pytest.raises(Stop):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  out = capsys.readouterr()
+  assert "data.train_resize_longer" in out.out + out.err
+  config.data.image_size = 65  # ~1.2x: no warning
+  with pytest.raises(Stop):
+    trainer.train_and_evaluate(config, str(tmp_path / "run2"))
+  out = capsys.readouterr()
+  assert "data.train_resize_longer" not in out.out + out.err
 
 
 def test_train_resize_longer_option():

@@ -172,6 +172,9 @@ def _train_and_evaluate(config, workdir: str, step_hook) -> dict:
   mesh = sharding.make_mesh()
   local_batch = sharding.local_batch_size(int(d.train_batch_size), mesh)
   manifest = schema.load_manifest(dataset_dir)
+  scale_msg = dataset_dir_lib.scale_warning(config, manifest)  # before any costly set-up
+  if scale_msg:
+    log(scale_msg)
   sampler = episodes_lib.train_sampler_for_fold(manifest, d.train_split, d.fold, d.shot,
                                                 d.min_class_pixels)
   plan = Plan(config, len(sampler))
@@ -202,9 +205,6 @@ def _train_and_evaluate(config, workdir: str, step_hook) -> dict:
       f"{optim.count_params(state.frozen):,} frozen")
 
   # ---- data ----
-  scale_msg = dataset_dir_lib.scale_warning(config, manifest)
-  if scale_msg:
-    log(scale_msg)
   train_ds = pipeline.train_dataset(
       dataset_dir, d.fold, d.shot, d.image_size, int(d.seed), local_batch,
       jax.process_index(), jax.process_count(), int(d.num_workers), split=d.train_split,
