@@ -314,3 +314,13 @@ def episode_masks(rng, b: int, k: int, size: int, empty=(), tiny=(),
         labels[i, j][((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = 1
       labels[i, j, :3] = 255
   return labels
+
+
+def tiny_config(data_dir: str, **train):
+  """``configs/tiny_asgnet.py`` on ``data_dir`` with ``config.train`` overrides (trainer tests)."""
+  from fss_jax import configs_lib  # pylint: disable=g-import-not-at-top
+  config = configs_lib.load_config("configs/tiny_asgnet.py")
+  config.data.data_dir = data_dir
+  for k, v in train.items():
+    config.train[k] = v
+  return config

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import datagen
 from fss_jax import configs_lib
 from fss_jax.convert import torch_export
 from fss_jax.convert import torch_import
@@ -20,17 +21,12 @@ from fss_jax.train import protocols
 from fss_jax.train import trainer
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("trainer_data") / "synthetic")
+@pytest.fixture
+def data_dir(tiny_data_dir):
+  return tiny_data_dir
 
 
-def _config(data_dir, **train):
-  config = configs_lib.load_config("configs/tiny_asgnet.py")
-  config.data.data_dir = data_dir
-  for k, v in train.items():
-    config.train[k] = v
-  return config
+_config = datagen.tiny_config
 
 
 def test_sigterm_saves_and_the_next_run_resumes(data_dir, tmp_path, monkeypatch):

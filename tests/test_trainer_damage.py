@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import datagen
 from fss_jax import configs_lib
 from fss_jax.train import checkpoint as ckpt_lib
 from fss_jax.train import logging as logging_lib
@@ -17,17 +18,12 @@ from fss_jax.train import step as step_lib
 from fss_jax.train import trainer
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("damage_data") / "synthetic")
+@pytest.fixture
+def data_dir(tiny_data_dir):
+  return tiny_data_dir
 
 
-def _config(data_dir, **train):
-  config = configs_lib.load_config("configs/tiny_asgnet.py")
-  config.data.data_dir = data_dir
-  for k, v in train.items():
-    config.train[k] = v
-  return config
+_config = datagen.tiny_config
 
 
 def _steps(workdir):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fss_jax import configs_lib
+import datagen
 from fss_jax.data import dataset_dir as dataset_dir_lib
 from fss_jax.data import synthetic
 from fss_jax.train import trainer
@@ -20,17 +20,12 @@ from fss_jax.train import trainer
 LOCK = "train.lock"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("workdir_data") / "synthetic")
+@pytest.fixture
+def data_dir(tiny_data_dir):
+  return tiny_data_dir
 
 
-def _config(data_dir, **train):
-  config = configs_lib.load_config("configs/tiny_asgnet.py")
-  config.data.data_dir = data_dir
-  for k, v in train.items():
-    config.train[k] = v
-  return config
+_config = datagen.tiny_config
 
 
 def _write_lock(workdir, host, pid):
