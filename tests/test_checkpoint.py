@@ -267,15 +267,22 @@ def _enospc_on_step(monkeypatch, bad_step):
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", failing)
 
 
-def test_write_failure_is_one_clear_error_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+def test_write_failure_is_one_clear_error_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch,
+                                                                          caplog):
   import errno  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
   _enospc_on_step(monkeypatch, 2)
   mgr = ckpt.CheckpointManager(str(tmp_path), max_to_keep=3)
   mgr.save(1, _state(1))
   mgr.wait()
-  mgr.save(2, _state(2))
-  with pytest.raises(ckpt.CheckpointWriteError) as info:
-    mgr.wait()
+  held = ckpt._SAVE_LOG_FILTER.held  # pylint: disable=protected-access
+  with caplog.at_level(logging.DEBUG):
+    mgr.save(2, _state(2))
+    with pytest.raises(ckpt.CheckpointWriteError) as info:
+      mgr.wait()
+  # One message: Orbax's own tracebacks of the failure (three ERROR records) are held back.
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+  assert ckpt._SAVE_LOG_FILTER.held > held  # pylint: disable=protected-access
   e = info.value
   assert e.errno == errno.ENOSPC and e.step == 2
   assert "step 2" in str(e) and str(tmp_path) in str(e) and "No space left" in str(e)
@@ -285,6 +292,27 @@ def test_write_failure_is_one_clear_error_and_leaves_no_partial_checkpoint(tmp_p
   mgr.wait()  # reported once
   mgr.close()
   _assert_trees_equal(ckpt.CheckpointManager(str(tmp_path)).restore(1, _state()).state, _state(1))
+
+
+def test_save_log_filter_passes_records_outside_a_save():
+  import logging  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  try:
+    raise OSError("boom")
+  except OSError:
+    exc_info = sys.exc_info()
+  orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "x.py")
+  record = lambda path, level=logging.ERROR, info=exc_info: logging.LogRecord(
+      "absl", level, path, 1, "failed", None, info)
+  f = ckpt._SaveErrorLogFilter()  # pylint: disable=protected-access
+  assert f.filter(record(orbax_file))  # no save in flight: passes
+  f.begin()
+  assert not f.filter(record(orbax_file))  # Orbax's traceback during our save: held back
+  assert f.filter(record("/elsewhere/train.py"))  # another library's error: passes
+  assert f.filter(record(orbax_file, info=None))  # no traceback: passes
+  assert f.filter(record(orbax_file, level=logging.WARNING))
+  f.end()
+  assert f.filter(record(orbax_file)) and f.held == 1
 
 
 def test_unwritable_workdir_is_reported_before_the_run(tmp_path, monkeypatch):

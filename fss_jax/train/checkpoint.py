@@ -22,16 +22,21 @@ Damage (see ``restore``, ``restore_latest``, ``save``, ``wait``):
     and restores the previous one;
   * a failed write (full disk, permissions, read-only file system) raises
     ``CheckpointWriteError`` from ``save``/``wait``, naming the step, folder and errno, after
-    removing the partial ``<step>.orbax-checkpoint-tmp*`` folder;
+    removing the partial ``<step>.orbax-checkpoint-tmp*`` folder; Orbax's own error logs of
+    that failure (tracebacks from its background save threads) are held back while our save is
+    in flight (``_SaveErrorLogFilter``), so the error is one message (its ``__cause__`` keeps
+    the original exception and traceback);
   * ``DivergenceGuard`` checks a state before it is saved (finite loss and parameters, bounded
     parameter norm); ``check_finite_variables`` refuses NaN/inf weights for evaluation/export.
 """
 import errno as errno_lib
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import threading
 import time
 from typing import Any, Mapping, NamedTuple, Optional
 
@@ -126,6 +131,62 @@ def _find_errno(exc: BaseException) -> Optional[int]:
       if text in str(e):
         return code
   return None
+
+
+class _SaveErrorLogFilter(logging.Filter):
+  """Holds back Orbax's ERROR records with a traceback while one of our saves is in flight.
+
+  A failed asynchronous save is logged by Orbax three times with full tracebacks (the handler's
+  thread, the commit thread, ``wait_until_finished``) before it is raised to the caller, where
+  ``CheckpointManager`` turns it into one ``CheckpointWriteError``. Records outside a save, of
+  other libraries, or without a traceback pass. ``held`` counts what was held back.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self._lock = threading.Lock()
+    self._active = 0
+    self.held = 0
+
+  def begin(self) -> None:
+    with self._lock:
+      self._active += 1
+
+  def end(self) -> None:
+    with self._lock:
+      self._active = max(0, self._active - 1)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if (self._active and record.levelno >= logging.ERROR and record.exc_info
+        and f"{os.sep}orbax{os.sep}" in (record.pathname or "")):
+      with self._lock:
+        self.held += 1
+      return False
+    return True
+
+
+_SAVE_LOG_FILTER = _SaveErrorLogFilter()
+logging.getLogger("absl").addFilter(_SAVE_LOG_FILTER)  # Orbax logs through absl's logger
+
+
+def _quiet_closed_loop_after_failed_save() -> None:
+  """After a failed save, a late TensorStore callback of Orbax's (already closed) event loop can
+  print a bare ``RuntimeError: Event loop is closed`` traceback through ``sys.unraisablehook``
+  (seen in about one run in five). Installed once, at the first failed write: that exact
+  unraisable error, with no object, is dropped; everything else reaches the previous hook."""
+  import sys  # pylint: disable=g-import-not-at-top
+  previous = sys.unraisablehook
+  if getattr(previous, "_fss_jax_quiet", False):
+    return
+
+  def hook(args):
+    if (args.object is None and isinstance(args.exc_value, RuntimeError)
+        and str(args.exc_value) == "Event loop is closed"):
+      return
+    previous(args)
+
+  hook._fss_jax_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def check_workdir_writable(workdir: str) -> None:
@@ -360,15 +421,20 @@ class CheckpointManager:
       items[DATA_ITER] = grain.checkpoint.CheckpointSave(_iterator_item(data_iterator))
     self.wait()  # a failure of the previous (asynchronous) save surfaces before this one
     self._pending_step = int(step)
+    _SAVE_LOG_FILTER.begin()  # ended by wait()
     try:
       return self._manager.save(int(step), args=ocp.args.Composite(**items),
                                 metrics=metrics, force=force)
     except Exception as e:  # pylint: disable=broad-except
       self._pending_step = None
-      raise self._write_error(int(step), e) from e
+      try:
+        raise self._write_error(int(step), e) from e
+      finally:
+        _SAVE_LOG_FILTER.end()
 
   def _write_error(self, step: int, exc: BaseException) -> CheckpointWriteError:
     """Removes the partial ``<step>.orbax-checkpoint-tmp*`` folder; the error to raise."""
+    _quiet_closed_loop_after_failed_save()
     removed = []
     if jax.process_index() == 0:
       # Writes of the other items may still be in flight (and recreate folders): remove until
@@ -600,6 +666,7 @@ class CheckpointManager:
       raise self._write_error(step, e) from e
     finally:
       self._pending_step = None
+      _SAVE_LOG_FILTER.end()
 
   def close(self) -> None:
     try:
