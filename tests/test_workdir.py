@@ -28,11 +28,11 @@ def data_dir(tiny_data_dir):
 _config = datagen.tiny_config
 
 
-def _write_lock(workdir, host, pid):
+def _write_lock(workdir, host, pid, **extra):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, LOCK), "w") as f:
     json.dump({"host": host, "pid": pid, "start_time": "2026-01-01T00:00:00+00:00",
-               "command": "python scripts/train.py --workdir=x"}, f)
+               "command": "python scripts/train.py --workdir=x", **extra}, f)
 
 
 def _dead_pid():
@@ -114,7 +114,8 @@ def test_lock_of_another_host_needs_break_lock(tmp_path):
   assert "breaking the lock" in messages[0]
   held = json.load(open(os.path.join(workdir, LOCK)))
   assert (held["host"], held["pid"]) == (socket.gethostname(), os.getpid())
-  assert set(held) == {"host", "pid", "start_time", "command"}
+  assert set(held) == {"host", "pid", "start_time", "command", "process"}
+  assert held["process"] == workdir_lib.process_identity(os.getpid())
   with pytest.raises(workdir_lib.WorkdirLockedError, match="in this process"):
     workdir_lib.acquire_lock(workdir)  # a second run in this process
   lock.release()
@@ -137,6 +138,25 @@ def test_stale_lock_on_this_host_is_taken_over(tmp_path):
   assert "stale lock" in messages[0] and f"PID {pid}" in messages[0]
   assert json.load(open(os.path.join(workdir, LOCK)))["pid"] == os.getpid()
   lock.release()
+
+
+def test_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path, live_pid):
+  """A lock left by a killed run whose PID was later given to an unrelated live process (or a
+  lock from before a reboot) does not block the workdir; the real holder still does."""
+  from fss_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  identity = workdir_lib.process_identity(live_pid)
+  assert identity is not None and identity != workdir_lib.process_identity(os.getpid())
+  boot, ticks = identity.rsplit(":", 1)
+  # The lock's writer: same PID, but it started earlier than the process now holding the PID.
+  _write_lock(workdir, socket.gethostname(), live_pid, process=f"{boot}:{int(ticks) - 1}")
+  messages = []
+  lock = workdir_lib.acquire_lock(workdir, log=messages.append)
+  assert "now belongs to another process" in messages[0] and f"PID {live_pid}" in messages[0]
+  lock.release()
+  _write_lock(workdir, socket.gethostname(), live_pid, process=identity)  # the real holder
+  with pytest.raises(workdir_lib.WorkdirLockedError, match=f"PID {live_pid}"):
+    workdir_lib.acquire_lock(workdir)
 
 
 def test_unusable_workdir_is_one_clear_error(tmp_path, monkeypatch):

@@ -2,11 +2,15 @@
 ``claim`` before anything else).
 
 Lock: ``<workdir>/train.lock`` is created atomically (``O_CREAT | O_EXCL``) and holds JSON with
-the holder's ``host``, ``pid``, ``start_time`` and ``command``. It is held for the whole run and
+the holder's ``host``, ``pid``, ``start_time``, ``command`` and, on Linux, ``process`` (the
+machine's boot id and the process's start time in clock ticks, ``/proc``), which tells the
+holder from a later process that got the same PID. It is held for the whole run and
 removed at the end, also when the run raises; a SIGKILL (or a lost machine) leaves it behind:
 
 * a lock of a live process on this host: refused (``WorkdirLockedError`` naming host and PID);
-* a lock of a dead PID on this host: stale, taken over with a message;
+* a lock of a dead PID on this host, or of a PID now used by another process (its ``process``
+  identity differs: the machine rebooted or the PID was reused): stale, taken over with a
+  message;
 * a lock of another host (whose processes cannot be checked from here), or an unreadable lock:
   refused unless ``config.train.break_lock=True`` (``--config.train.break_lock=True``), which
   takes over any lock; make sure the other run is really gone first.
@@ -106,11 +110,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def process_identity(pid: int) -> Optional[str]:
+  """``"<boot id>:<start time in clock ticks>"`` of a process (Linux ``/proc``), or None where it
+  cannot be read. A PID reused after its process ended, or after a reboot, gives another value."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id", encoding="utf-8") as f:
+      boot = f.read().strip()
+    with open(f"/proc/{int(pid)}/stat", encoding="utf-8") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    return f"{boot}:{int(fields[19])}"  # field 22 of stat: starttime (fields[0] is field 3)
+  except (OSError, IndexError, ValueError):
+    return None
+
+
 def lock_info() -> dict:
-  return {"host": socket.gethostname(), "pid": os.getpid(),
+  info = {"host": socket.gethostname(), "pid": os.getpid(),
           "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(
               timespec="seconds"),
           "command": " ".join([sys.executable] + sys.argv)}
+  identity = process_identity(os.getpid())
+  if identity is not None:
+    info["process"] = identity
+  return info
+
+
+def _same_process(holder: dict) -> bool:
+  """Whether the live PID of ``holder`` (this host) is still the process that wrote the lock:
+  True unless both identities are known and differ (an older lock without one is trusted)."""
+  recorded = holder.get("process")
+  if not recorded:
+    return True
+  now = process_identity(holder["pid"])
+  return now is None or now == recorded
 
 
 def read_lock(path: str) -> Optional[dict]:
@@ -221,7 +252,8 @@ def _judge_existing(path: str, workdir: str, break_lock: bool, log) -> None:
     raise WorkdirLockedError(
         f"{path} exists but cannot be read (a run starting right now, or a damaged file). If "
         "no other run uses this workdir, pass --config.train.break_lock=True.")
-  elif holder["host"] == here and holder["pid"] != os.getpid() and _pid_alive(holder["pid"]):
+  elif (holder["host"] == here and holder["pid"] != os.getpid() and _pid_alive(holder["pid"])
+        and _same_process(holder)):
     raise WorkdirLockedError(
         f"{workdir} is in use by another run: {_describe(holder)}. Wait for it, stop it "
         f"(kill {holder['pid']}), or use another --workdir.")
@@ -230,6 +262,10 @@ def _judge_existing(path: str, workdir: str, break_lock: bool, log) -> None:
         f"{workdir} is locked by a run on another host: {_describe(holder)}. This host "
         f"({here}) cannot check that process; if it is gone, pass "
         "--config.train.break_lock=True.")
+  elif holder["pid"] != os.getpid() and _pid_alive(holder["pid"]):  # same PID, other process
+    log(f"Taking over the stale lock {path}: PID {holder['pid']} on {here} now belongs to "
+        "another process (the run that wrote the lock has ended; its PID was reused or the "
+        "machine rebooted).")
   else:  # this host, the PID is gone (or is this process: a previous life of the PID)
     log(f"Taking over the stale lock {path}: PID {holder['pid']} on {here} is not running "
         "any more (that run was killed).")
