@@ -225,6 +225,35 @@ def test_damaged_latest_falls_back_or_refuses(tmp_path, damage):
   mgr.close()
 
 
+@pytest.mark.parametrize("other", ["damaged", "mismatch"])
+def test_damage_seen_by_another_process_only_is_agreed_on(tmp_path, monkeypatch, other):
+  """Each process reads its own data-iterator file: when only another process's file is damaged,
+  this process (whose own read succeeds) falls back with it instead of training on alone; when
+  another process finds a mismatch, this one raises too. The exchange is replaced by the largest
+  code of [this process, the other]."""
+  _two_checkpoints(tmp_path)
+  code = {"damaged": 1, "mismatch": 2}[other]
+  monkeypatch.setattr(ckpt, "_agreed_outcome", lambda mine: max(mine, code))
+  mgr = ckpt.CheckpointManager(str(tmp_path), max_to_keep=3)
+  lines = []
+  if other == "mismatch":
+    with pytest.raises(ckpt.CheckpointRestoreError, match="another process") as info:
+      mgr.restore_latest(_state(), _iterator(), fallback=True, log=lines.append)
+    assert not info.value.damaged and mgr.all_steps() == [1, 2] and not lines
+    return
+  # Step 2 reads here, but "another process" finds it damaged: all fall back to step 1.
+  calls = []
+  monkeypatch.setattr(ckpt, "_agreed_outcome",
+                      lambda mine: calls.append(mine) or max(mine, code if len(calls) == 1 else 0))
+  fresh = _iterator()
+  restored = mgr.restore_latest(_state(), fresh, fallback=True, log=lines.append)
+  assert calls == [0, 0] and restored.step == 1  # this process read both steps itself
+  _assert_trees_equal(restored.state, _state(1))
+  assert len(lines) == 1 and "step 2" in lines[0] and "another process" in lines[0]
+  assert (tmp_path / "damaged_checkpoints" / "2").is_dir() and mgr.all_steps() == [1]
+  mgr.close()
+
+
 def test_damaged_only_checkpoint_is_an_error_and_load_model_variables_names_the_file(tmp_path):
   state = {"frozen": {"a": jnp.ones(3)}, "trainable": {"b": jnp.zeros(2)}, "batch_stats": {}}
   with ckpt.CheckpointManager(str(tmp_path)) as mgr:

@@ -189,6 +189,14 @@ def _quiet_closed_loop_after_failed_save() -> None:
   sys.unraisablehook = hook
 
 
+def _agreed_outcome(code: int) -> int:
+  """The largest ``code`` over all processes (this process's own with one process)."""
+  if jax.process_count() == 1:
+    return int(code)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.asarray(code, np.int32))))
+
+
 def check_workdir_writable(workdir: str) -> None:
   """Creates ``workdir`` if needed and writes + removes a probe file there (and in its
   ``checkpoints/`` when that exists); raises ``CheckpointWriteError`` with the reason."""
@@ -581,23 +589,39 @@ class CheckpointManager:
       if step is None:
         return None
       try:
-        return self.restore(step, state_template, data_iterator)
+        restored, err = self.restore(step, state_template, data_iterator), None
       except CheckpointRestoreError as e:
-        older = [s for s in self.all_steps() if s < step]
-        if not e.damaged:
-          raise
-        if not fallback:
-          raise CheckpointRestoreError(
-              f"{e} Not falling back to an older checkpoint (train.restore_fallback=False; "
-              f"older: {older or 'none'}): move {e.directory} aside or repair it.",
-              e.step, e.directory, e.file) from e.__cause__
-        if not older:
-          raise CheckpointRestoreError(
-              f"{e} No older checkpoint to fall back to: move {e.directory} aside to start "
-              "from step 0.", e.step, e.directory, e.file) from e.__cause__
-        moved = self.move_aside(step)
-        log(f"WARNING: {e} Moved it to {moved} (kept for inspection) and falling back to the "
-            f"previous checkpoint, step {older[-1]}.")
+        restored, err = None, e
+      # Every process reads its own data-iterator file (and its shards): agree on the outcome,
+      # or a damage seen by one process only would leave the others training while it falls
+      # back (and waits for them at the move): 0 read, 1 damaged, 2 does not fit the template.
+      outcome = _agreed_outcome(0 if err is None else (1 if err.damaged else 2))
+      if outcome == 0:
+        return restored
+      if err is None:
+        err = CheckpointRestoreError(
+            f"Checkpoint step {step} in {self.directory} cannot be read by another process "
+            f"(its own error names the file).", step=step,
+            directory=os.path.join(self.directory, str(step)), damaged=outcome == 1)
+      elif outcome == 2 and err.damaged:
+        err = CheckpointRestoreError(
+            f"{err} (Another process found that this checkpoint does not fit the run's state.)",
+            err.step, err.directory, err.file, damaged=False)
+      older = [s for s in self.all_steps() if s < step]
+      if not err.damaged:
+        raise err
+      if not fallback:
+        raise CheckpointRestoreError(
+            f"{err} Not falling back to an older checkpoint (train.restore_fallback=False; "
+            f"older: {older or 'none'}): move {err.directory} aside or repair it.",
+            err.step, err.directory, err.file) from err.__cause__
+      if not older:
+        raise CheckpointRestoreError(
+            f"{err} No older checkpoint to fall back to: move {err.directory} aside to start "
+            "from step 0.", err.step, err.directory, err.file) from err.__cause__
+      moved = self.move_aside(step)
+      log(f"WARNING: {err} Moved it to {moved} (kept for inspection) and falling back to the "
+          f"previous checkpoint, step {older[-1]}.")
 
   def move_aside(self, step: int) -> str:
     """Moves checkpoint ``step`` to ``<workdir>/damaged_checkpoints/<step>[.n]``; its new path."""
