@@ -5,6 +5,7 @@ import json
 import math
 import os
 import struct
+import sys
 
 import google_crc32c
 import jax.numpy as jnp
@@ -73,6 +74,58 @@ def test_metric_writer_jsonl_and_events(tmp_path):
     w.write_scalars(3, {"train/loss": 0.1})
   assert [r["step"] for r in logging_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == [
       1, 2, 3]
+
+
+def read_images(workdir):
+  """{(tag, step): (H, W, 3) uint8 RGB} of every image in ``workdir/tensorboard``'s event files
+  (a later file's image of the same tag and step wins: a resumed run's)."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  images = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+    for e in _read_events(path):
+      for v in e.summary.value:
+        if v.HasField("image"):
+          png = np.frombuffer(v.image.encoded_image_string, np.uint8)
+          bgr = cv2.imdecode(png, cv2.IMREAD_COLOR)
+          assert bgr is not None, (v.tag, e.step)
+          rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+          assert (v.image.height, v.image.width, v.image.colorspace) == (*rgb.shape[:2], 3)
+          images[(v.tag, e.step)] = rgb
+  return images
+
+
+def test_write_images_round_trip_without_pillow(tmp_path, monkeypatch):
+  """PNG images in the event file, read back pixel for pixel; tensorboardX's add_image would
+  import Pillow, which the project does not install (a None entry makes that import fail)."""
+  monkeypatch.setitem(sys.modules, "PIL", None)
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 256, (20, 33, 3), dtype=np.uint8)
+  b = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+  workdir = str(tmp_path / "run")
+  with logging_lib.MetricWriter(workdir) as w:
+    w.write_images(3, {"eval/episode_0": a, "eval/episode_1": b})
+    w.write_images(5, {"eval/episode_0": b})
+    w.write_images(6, {})
+    with pytest.raises(TypeError, match="'bad'.*uint8"):
+      w.write_images(7, {"bad": a.astype(np.float32)})
+    with pytest.raises(TypeError, match="'grey'"):
+      w.write_images(7, {"grey": a[..., 0]})
+  got = read_images(workdir)
+  assert sorted(got) == [("eval/episode_0", 3), ("eval/episode_0", 5), ("eval/episode_1", 3)]
+  np.testing.assert_array_equal(got[("eval/episode_0", 3)], a)
+  np.testing.assert_array_equal(got[("eval/episode_1", 3)], b)
+  np.testing.assert_array_equal(got[("eval/episode_0", 5)], b)
+  assert logging_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")) == []  # images only
+  # Disabled (processes other than 0) or without TensorBoard: nothing written, inputs checked.
+  off = logging_lib.MetricWriter(str(tmp_path / "off"), enabled=False)
+  off.write_images(1, {"eval/episode_0": a})
+  with pytest.raises(TypeError, match="'bad'"):
+    off.write_images(1, {"bad": a[..., :2]})
+  off.close()
+  assert not os.path.exists(tmp_path / "off")
+  with logging_lib.MetricWriter(str(tmp_path / "no_tb"), tensorboard=False) as w:
+    w.write_images(1, {"eval/episode_0": a})
+  assert os.listdir(tmp_path / "no_tb") == ["metrics.jsonl"]
 
 
 def test_metric_writer_errors_and_disabled(tmp_path):

@@ -6,8 +6,9 @@ runs produce one set of files.
 ``metrics.jsonl`` holds one flat JSON object per ``write_scalars`` call:
 ``{"step": int, "wall_time": float (Unix seconds), "<name>": number, ...}``. Non-finite values are
 written as ``NaN`` / ``Infinity`` (Python's json reads them back). The file is appended to, so a
-resumed run continues it. TensorBoard event files go to ``<workdir>/tensorboard`` through
-``tensorboardX`` (no TensorFlow); it is imported lazily because it pulls in torch when present.
+resumed run continues it. TensorBoard event files (scalars, and images from
+``write_images``) go to ``<workdir>/tensorboard`` through ``tensorboardX`` (no TensorFlow); it
+is imported lazily because it pulls in torch when present.
 """
 import json
 import math
@@ -17,6 +18,7 @@ import time
 from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 import tqdm
 
 _RESERVED = ("step", "wall_time")
@@ -81,6 +83,33 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, global_step=int(step), walltime=now)
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    """Images in TensorBoard under ``step``: ``{tag: (H, W, 3) uint8 RGB}`` (the trainer's
+    ``eval/episode_<i>``). Not in ``metrics.jsonl``; a no-op when disabled (processes other
+    than 0) or without TensorBoard. Encoded as PNG with OpenCV (tensorboardX's own
+    ``add_image`` needs Pillow, which the project does not require)."""
+    checked = {}
+    for tag, image in images.items():
+      a = np.asarray(image)
+      if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8 or not a.size:
+        raise TypeError(f"image {tag!r}: expected an (H, W, 3) uint8 RGB array, got shape "
+                        f"{a.shape} {a.dtype}.")
+      checked[str(tag)] = a
+    if not self.enabled or self._tb is None or not checked:
+      return
+    import cv2  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    values = []
+    for tag, a in checked.items():
+      ok, png = cv2.imencode(".png", cv2.cvtColor(a, cv2.COLOR_RGB2BGR))
+      if not ok:
+        raise ValueError(f"image {tag!r}: PNG encoding failed.")
+      values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
+          height=a.shape[0], width=a.shape[1], colorspace=3,
+          encoded_image_string=png.tobytes())))
+    self._tb.file_writer.add_summary(summary_pb2.Summary(value=values), int(step),
+                                     time.time())
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     """A text note in TensorBoard (e.g. the config or a per-class table)."""
