@@ -33,6 +33,8 @@ RESNET_DEPTHS = (50, 101)
 SMALL_WIDTH = 16
 SMALL_BLOCKS = (1, 1, 1, 1)
 COMMON_ARGS = {"fold": 0, "shot": 1, "backbone": "", "depth": 0}
+# config.eval.num_images: episodes drawn as TensorBoard images at each in-training evaluation.
+DEFAULT_NUM_IMAGES = 4
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -136,6 +138,11 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
   # always uses data.eval_episodes, data.seed and data.original_label_eval.
   c.eval = ml_collections.ConfigDict()
   c.eval.protocol = protocols.DEFAULT_PROTOCOL
+  # Episodes drawn as TensorBoard images at every in-training evaluation (tags eval/episode_i:
+  # supports with mask | query truth | query prediction, IoU in the title): the first ones of the
+  # selection episodes (process 0's share with several processes), so the same episodes at
+  # every evaluation; 0 = none. Display only (harmless to change on resume).
+  c.eval.num_images = DEFAULT_NUM_IMAGES
 
   c.model = ml_collections.ConfigDict()
   c.model.name = model_name            # a key of fss_jax.models.registry.MODELS
@@ -281,6 +288,14 @@ def tiny_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return config
 
 
+def num_images(config) -> int:
+  """``config.eval.num_images``; its default for configs saved before the field existed."""
+  section = config.get("eval") if hasattr(config, "get") else None
+  if section is None:
+    return DEFAULT_NUM_IMAGES
+  return int(section.get("num_images", DEFAULT_NUM_IMAGES))
+
+
 def validate_config(config: ml_collections.ConfigDict, num_folds: int = 4) -> None:
   """Checks value ranges (call again after command-line overrides)."""
   def bad(field, value, why):
@@ -301,6 +316,8 @@ def validate_config(config: ml_collections.ConfigDict, num_folds: int = 4) -> No
   if not d.eval_seeds:
     bad("data.eval_seeds", d.eval_seeds, "needs at least one seed")
   protocols.protocol_name(config)  # raises for an unknown config.eval.protocol
+  if num_images(config) < 0:
+    bad("eval.num_images", num_images(config), "must be >= 0 (0: no images)")
   registry.get(m.name)  # raises for an unknown model
   backbones.get(m.backbone)  # raises for an unknown backbone
   if m.backbone in ("resnet", "resnet_small") and m.depth not in RESNET_DEPTHS:

@@ -185,6 +185,7 @@ def test_config_check_allow_list_and_groups(tmp_path):
   logging_lib.save_config(config, workdir)
   new = _config("/data/x", log_every=7, eval_every=3, keep_checkpoints=5)
   new.data.num_workers, new.data.eval_batch_size, new.eval.protocol = 2, 4, "bam"
+  new.eval.num_images = 0  # TensorBoard pictures only
   new.data.synthetic.num_train = 30
   # No checkpoints yet: nothing to protect.
   assert workdir_lib.check_resume_config(new, workdir) == []
@@ -193,18 +194,20 @@ def test_config_check_allow_list_and_groups(tmp_path):
     workdir_lib.check_resume_config(new, workdir, log=lambda _: None)
   assert "data.synthetic.num_train: 24 → 30" in str(e.value)
   assert "log_every" not in str(e.value) and "protocol" not in str(e.value)
+  assert "num_images" not in str(e.value)
   new.train.accept_changes = "data.synthetic, train.epochs"  # a group; an unchanged key
   messages = []
   diff = workdir_lib.check_resume_config(new, workdir, log=messages.append)
   assert {k for k, _, _ in diff} == {
       "data.eval_batch_size", "data.num_workers", "data.synthetic.num_train", "eval.protocol",
+      "eval.num_images",
       "train.accept_changes", "train.eval_every", "train.keep_checkpoints", "train.log_every"}
   assert "train.epochs, which did not change" in messages[-1]
   # A config.json of before some fields existed: a field at its default is no change (a new
   # field's default keeps the old behaviour); at another value it is a change like any other.
   saved = json.load(open(os.path.join(workdir, "config.json")))
   del saved["train"]["break_lock"], saved["train"]["accept_changes"]
-  del saved["data"]["skip_bad_records"]
+  del saved["data"]["skip_bad_records"], saved["eval"]["num_images"]
   json.dump(saved, open(os.path.join(workdir, "config.json"), "w"))
   assert workdir_lib.check_resume_config(config, workdir) == []
   config.data.skip_bad_records = True

@@ -60,6 +60,7 @@ HARMLESS = (
     "data.read_threads",
     "data.eval_batch_size",
     "eval.protocol",
+    "eval.num_images",               # TensorBoard pictures at each evaluation (display only)
     "train.restore_fallback",        # what to do with a damaged checkpoint (checkpoint.py)
     "train.max_param_norm_ratio",    # the divergence guard's threshold (it only stops a run)
 )
