@@ -1,4 +1,5 @@
-"""train_and_evaluate in-process on the tiny config: signals, NaN stop, base-class selection."""
+"""train_and_evaluate in-process on the tiny config: signals, NaN stop, base-class selection,
+TensorBoard episode images."""
 import json
 import os
 import runpy
@@ -18,7 +19,9 @@ from fss_jax.train import checkpoint as ckpt_lib
 from fss_jax.train import evaluator
 from fss_jax.train import logging as logging_lib
 from fss_jax.train import protocols
+from fss_jax.train import sharding
 from fss_jax.train import trainer
+from test_logging import read_images
 
 
 @pytest.fixture
@@ -77,6 +80,31 @@ def test_sigterm_saves_and_the_next_run_resumes(data_dir, tmp_path, monkeypatch)
       "protocol": "hsnet", "episodes": 3, "seeds": [0, 7], "original_label": False}
   assert [(r["seed"], r["episodes"]) for r in final["per_seed"]] == [(0, 3), (7, 3)]
   assert final["miou"]["mean"] == pytest.approx(out["final"]["miou"]["mean"])
+
+  # Each evaluation logged eval.num_images (default 4, all 4 selection episodes here) episode
+  # pictures to TensorBoard: the same episodes at steps 2 and 4 (supports and truth pixel for
+  # pixel), and at step 4 exactly what prediction_rows draws for the step-4 checkpoint on the
+  # selection seed (size, panels, prediction and IoU title).
+  images = read_images(workdir)
+  n = configs_lib.num_images(config)
+  assert n == 4 and sorted(images) == sorted(
+      (f"eval/episode_{i}", s) for i in range(n) for s in (2, 4))
+  fixed = slice(0, 2 * 160 + 4)  # support 1 | gap | query truth (visualize.episode_row cells)
+  for i in range(n):
+    np.testing.assert_array_equal(images[(f"eval/episode_{i}", 2)][:, fixed],
+                                  images[(f"eval/episode_{i}", 4)][:, fixed], err_msg=str(i))
+  assert not np.array_equal(images[("eval/episode_0", 4)][:, fixed],
+                            images[("eval/episode_1", 4)][:, fixed])
+  mesh = sharding.make_mesh()
+  model = registry.build_model(config)
+  ev = evaluator.from_config(config, model, mesh, trainer.dataset_dir_lib.prepare(config),
+                             "base", protocol=evaluator.selection_settings(config))
+  variables, _ = ckpt_lib.load_model_variables(workdir, 4)
+  rows = ev.prediction_rows(jax.device_put(variables, sharding.replicated(mesh)),
+                            config.data.seed, n)
+  assert len(rows) == n and rows[0].shape == (160, 3 * 160 + 2 * 4, 3)
+  for i, row in enumerate(rows):
+    np.testing.assert_array_equal(images[(f"eval/episode_{i}", 4)], row, err_msg=str(i))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

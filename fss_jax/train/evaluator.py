@@ -12,6 +12,9 @@ selection evaluation uses ``selection_settings`` (``data.eval_episodes``, ``data
 One batch: host-local episodes → global arrays sharded over ``"data"`` → jitted forward +
 per-episode (inter, union) on device → this process's rows back to the host →
 ``FewShotMeter``; meters are summed over processes at the end (``metrics.gather_meter``).
+Pictures of the first episodes (``run(..., num_rows=)``, ``prediction_rows``) come from the same
+forward: the jitted function also returns the prediction, which is fetched only for the
+batches being drawn.
 
 Original-label evaluation (``data.original_label_eval``): the reference upsamples the logits
 of the whole S×S canvas (bilinear, align_corners) to L×L, L = max(H, W) of the original label,
@@ -85,22 +88,21 @@ def resize_to_original(x: jax.Array, sizes: jax.Array, canvas: int) -> jax.Array
 @functools.partial(jax.jit, static_argnames=("model", "original_label"))
 def episode_scores(model, variables, batch: Mapping[str, jax.Array],
                    original_label: bool = False):
-  """Forward + per-episode (inter, union), each (B, 2) int32 [bg, fg] (jitted; the model is a
-  static argument, so every evaluator of an equal model shares the compiled function)."""
+  """Forward + per-episode (inter, union), each (B, 2) int32 [bg, fg], and the (B, S, S) uint8
+  prediction at input resolution (for pictures; fetched only when drawn). Jitted; the model is
+  a static argument, so every evaluator of an equal model shares the compiled function."""
   out = model.apply(variables, **step_lib.model_inputs(model, batch), train=False)
   logits = out["logits"]
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if not original_label:
-    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return metrics_lib.batch_stats(pred, batch["query_label"])
-  label = batch["orig_label"]
-  side = jnp.max(batch["orig_size"], axis=-1)
-  diff = resize_to_original(logits[..., 1] - logits[..., 0], side, label.shape[-1])
-  pred = (diff > 0).astype(jnp.int32)  # argmax over 2 classes: ties go to background
-  return metrics_lib.batch_stats(pred, label)
-
-
-_predict = jax.jit(lambda model, v, b: step_lib.eval_step(v, b, model=model),
-                   static_argnums=0)
+    inter, union = metrics_lib.batch_stats(pred, batch["query_label"])
+  else:
+    label = batch["orig_label"]
+    side = jnp.max(batch["orig_size"], axis=-1)
+    diff = resize_to_original(logits[..., 1] - logits[..., 0], side, label.shape[-1])
+    # argmax over 2 classes: ties go to background
+    inter, union = metrics_lib.batch_stats((diff > 0).astype(jnp.int32), label)
+  return inter, union, pred.astype(jnp.uint8)
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -124,6 +126,8 @@ class EvalResult:
   classes: list
   seed: int
   names: dict
+  # Pictures of this process's first episodes (``run(..., num_rows=)``); empty by default.
+  rows: list = dataclasses.field(default_factory=list)
 
   @property
   def miou(self) -> float:
@@ -180,64 +184,77 @@ class Evaluator:
     self.classes = episodes.fold_classes(manifest, self.fold, classes)
     self.names = {c: manifest.classes[c - 1] for c in self.classes}
 
-  def num_batches(self) -> int:
-    return pipeline.eval_batches_per_process(self.num_episodes, self.local_batch,
-                                             jax.process_count())
+  def num_batches(self, num_episodes: Optional[int] = None) -> int:
+    return pipeline.eval_batches_per_process(
+        self.num_episodes if num_episodes is None else num_episodes, self.local_batch,
+        jax.process_count())
 
-  def run(self, variables: Any, seed: int, progress: bool = False,
-          desc: str = "eval") -> EvalResult:
-    """Evaluates ``variables`` (replicated on the mesh) on the episodes of ``seed``."""
+  def run(self, variables: Any, seed: int, progress: bool = False, desc: str = "eval",
+          num_rows: int = 0) -> EvalResult:
+    """Evaluates ``variables`` (replicated on the mesh) on the episodes of ``seed``.
+
+    ``num_rows`` > 0 also draws this process's first ``num_rows`` episodes
+    (``EvalResult.rows``, as ``prediction_rows``) from the predictions being scored, with no
+    extra forward. Every process must call ``run`` (the forward is sharded over all of them);
+    ``num_rows`` may differ between processes (the trainer draws on process 0 only).
+    """
+    return self._evaluate(variables, seed, self.num_episodes, self.num_workers,
+                          progress=progress, desc=desc, num_rows=num_rows)
+
+  def prediction_rows(self, variables: Any, seed: int, count: int = 8) -> list:
+    """Pictures (``data.visualize.episode_row``: supports with mask | query truth | query
+    prediction, the prediction's foreground IoU at the input resolution and the class in the
+    title) of this process's first ``count`` episodes of ``seed`` (episodes i ≡ process index
+    mod process count, as in ``run``). Every process must call it; each gets its own rows."""
+    num_episodes = min(self.num_episodes, int(count) * jax.process_count())
+    return self._evaluate(variables, seed, num_episodes, 0, progress=False, desc="predictions",
+                          num_rows=count).rows
+
+  def _evaluate(self, variables: Any, seed: int, num_episodes: int, num_workers: int, *,
+                progress: bool, desc: str, num_rows: int) -> EvalResult:
     ds = pipeline.eval_dataset(
         self.dataset_dir, self.fold, self.shot, self.image_size, int(seed), self.local_batch,
-        self.num_episodes, jax.process_index(), jax.process_count(), self.num_workers,
+        num_episodes, jax.process_index(), jax.process_count(), num_workers,
         split=self.split, original_label=self.original_label, min_pixels=self.min_pixels,
         read_threads=self.read_threads, classes=self.which)
     keys = list(self.model.inputs) + (
         ["orig_label", "orig_size"] if self.original_label else ["query_label"])
     meter = metrics_lib.FewShotMeter(self.classes)
-    bar = logging_lib.ProgressBar(self.num_batches(), desc=desc, unit="batch",
+    rows = []
+    bar = logging_lib.ProgressBar(self.num_batches(num_episodes), desc=desc, unit="batch",
                                   enabled=None if progress else False)
     batches = iter(ds)
     try:
       for batch in batches:
         device_batch = sharding.host_batch_to_global({k: batch[k] for k in keys}, self.mesh)
-        inter, union = episode_scores(self.model, variables, device_batch,
-                                      self.original_label)
+        inter, union, pred = episode_scores(self.model, variables, device_batch,
+                                            self.original_label)
         meter.update_batch(batch["class_id"], _local_rows(inter), _local_rows(union),
                            batch["valid"])
+        if len(rows) < num_rows:
+          rows += self._draw(batch, _local_rows(pred), num_rows - len(rows))
         bar.update(1)
     finally:
       bar.close()
       batches.close()  # stops worker processes now, not at garbage collection
     meter = metrics_lib.gather_meter(meter)
-    if meter.num_episodes != self.num_episodes:
+    if meter.num_episodes != num_episodes:
       raise RuntimeError(f"evaluation scored {meter.num_episodes} episodes, expected "
-                         f"{self.num_episodes} (seed {seed}).")
-    return EvalResult(meter, list(self.classes), int(seed), self.names)
+                         f"{num_episodes} (seed {seed}).")
+    return EvalResult(meter, list(self.classes), int(seed), self.names, rows)
 
-  def prediction_rows(self, variables: Any, seed: int, count: int = 8) -> list:
-    """Pictures (``data.visualize.episode_row``) of the first ``count`` local episodes."""
+  def _draw(self, batch: Mapping[str, np.ndarray], pred: np.ndarray, count: int) -> list:
+    """``visualize.episode_row`` of up to ``count`` valid episodes of a host batch."""
     from fss_jax.data import visualize  # pylint: disable=g-import-not-at-top
-    ds = pipeline.eval_dataset(
-        self.dataset_dir, self.fold, self.shot, self.image_size, int(seed), self.local_batch,
-        min(self.num_episodes, count * jax.process_count()), jax.process_index(),
-        jax.process_count(), 0, split=self.split, min_pixels=self.min_pixels,
-        classes=self.which)
     rows = []
-    for batch in ds:
-      device_batch = sharding.host_batch_to_global(
-          {k: batch[k] for k in self.model.inputs}, self.mesh)
-      pred = _local_rows(_predict(self.model, variables, device_batch))
-      inter, union = metrics_lib.batch_stats(jnp.asarray(pred), jnp.asarray(batch["query_label"]))
-      for j in range(len(pred)):
-        if not batch["valid"][j] or len(rows) >= count:
-          continue
-        c = int(batch["class_id"][j])
-        iou = float(inter[j, 1]) / max(float(union[j, 1]), 1.0)
-        rows.append(visualize.episode_row(
-            batch["query"][j], batch["query_label"][j], batch["supp_images"][j],
-            batch["supp_labels"][j], pred[j],
-            title=f"IoU {100 * iou:.0f}% {self.names.get(c, c)}"))
+    for j in np.flatnonzero(batch["valid"])[:count]:
+      label, p = batch["query_label"][j], pred[j].astype(np.int64)
+      fg_pred, fg_true = (p == 1) & (label != 255), label == 1
+      iou = np.sum(fg_pred & fg_true) / max(np.sum(fg_pred | fg_true), 1)
+      c = int(batch["class_id"][j])
+      rows.append(visualize.episode_row(
+          batch["query"][j], label, batch["supp_images"][j], batch["supp_labels"][j], p,
+          title=f"IoU {100 * iou:.0f}% {self.names.get(c, c)}"))
     return rows
 
   def run_seeds(self, variables: Any, seeds: Sequence[int], progress: bool = False,

@@ -8,7 +8,9 @@ One step, end to end:
 Every ``eval_every`` steps the evaluator runs on the selection episodes (novel classes as the
 reference, or held-out base classes: ``data.eval_episodes`` episodes of seed ``data.seed``,
 ``evaluator.selection_settings``) and a checkpoint is saved with that score, so the manager
-keeps the last N plus the best. At the end the best checkpoint is evaluated on the novel classes
+keeps the last N plus the best. That evaluation also draws its first ``eval.num_images``
+episodes (process 0's) as TensorBoard images ``eval/episode_<i>`` (supports | truth |
+prediction), the same episodes every time. At the end the best checkpoint is evaluated on the novel classes
 with the evaluation protocol (``config.eval.protocol``, ``evaluator.protocol_settings``: its
 episode count, seeds and label mode) and the result is written to ``final_metrics.json``.
 
@@ -242,14 +244,19 @@ def _train_and_evaluate(config, workdir: str, step_hook) -> dict:
       donate_argnums=(0,), out_shardings=(replicated, replicated))
   schedule = optim.make_schedule(config, plan.total_steps)
   keys = step_lib.device_keys(model)
+  # Pictures of the first selection episodes (the same ones at every evaluation), drawn by
+  # process 0 from the evaluation's own forward; every process joins that forward anyway.
+  num_images = configs_lib.num_images(config) if writer.enabled else 0
 
   def evaluate(step):
     variables = state.variables()
-    r = select_eval.run(variables, select_eval.protocol.seeds[0], desc=f"eval@{step}")
+    r = select_eval.run(variables, select_eval.protocol.seeds[0], desc=f"eval@{step}",
+                        num_rows=num_images)
     scores = {SELECT_METRIC: r.miou, "select/fbiou": r.fbiou}
     if t.select_on == "novel":
       scores.update(r.summary(prefix="val/"))
     writer.write_scalars(step, scores)
+    writer.write_images(step, {f"eval/episode_{i}": row for i, row in enumerate(r.rows)})
     log(f"[step {step}] {t.select_on} eval ({r.meter.num_episodes} episodes): "
         f"mIoU {100 * r.miou:.2f}  FB-IoU {100 * r.fbiou:.2f}")
     return scores
