@@ -393,6 +393,9 @@ class Predictor:
               names: Sequence[str] = ()) -> list:
     """Predictions (``Prediction``, in order) of the queries' masks of the supports' object.
 
+    Each prediction keeps the model's outputs (features included: several MB per query at
+    473²); for many queries use ``predict_iter`` and keep what you need.
+
     Args:
       supports: K >= 1 ``Support``s (image + mask at the image's size).
       queries: (H, W, 3) uint8 RGB images of any sizes.
@@ -452,7 +455,7 @@ class Predictor:
       yield Prediction(
           mask=(score > 0).astype(np.uint8), fg_score=score, query=image,
           canvas_hw=tuple(hws[j]), image_size=s,
-          outputs=jax.tree.map(lambda x: x[j], outputs), supports=supports,
+          outputs=jax.tree.map(lambda x: np.array(x[j]), outputs), supports=supports,
           support_canvas_hw=[tuple(hw) for hw in supp_hw], name=name,
           warnings=list(state["messages"]))
 
