@@ -247,7 +247,9 @@ def test_damage_seen_by_another_process_only_is_agreed_on(tmp_path, monkeypatch,
                       lambda mine: calls.append(mine) or max(mine, code if len(calls) == 1 else 0))
   fresh = _iterator()
   restored = mgr.restore_latest(_state(), fresh, fallback=True, log=lines.append)
-  assert calls == [0, 0] and restored.step == 1  # this process read both steps itself
+  # Step 2: the data-iterator files' check (here fine, elsewhere not) decides before Orbax's
+  # restore runs; step 1: the check, then the restore.
+  assert calls == [0, 0, 0] and restored.step == 1
   _assert_trees_equal(restored.state, _state(1))
   assert len(lines) == 1 and "step 2" in lines[0] and "another process" in lines[0]
   assert (tmp_path / "damaged_checkpoints" / "2").is_dir() and mgr.all_steps() == [1]

@@ -523,6 +523,31 @@ class CheckpointManager:
       raise self._restore_error(int(step), e) from e
     return Restored(int(step), out[STATE], dict(out[METADATA]))
 
+  def _iterator_file_error(self, step: int,
+                           data_iterator: Any) -> Optional[CheckpointRestoreError]:
+    """The error of the first data-iterator file of ``step`` (Grain's
+    ``process_<i>-of-<n>.json``, one per process; all of them are read here, so that every
+    process names the same damaged file) that is empty or not JSON; None when they read, or
+    when no iterator is restored."""
+    if data_iterator is None:
+      return None
+    folder = os.path.join(self.directory, str(step), DATA_ITER)
+    for i in range(jax.process_count()):
+      path = os.path.join(folder, f"process_{i}-of-{jax.process_count()}.json")
+      if not os.path.isfile(path):
+        continue  # another topology, or not visible from here: Orbax's restore decides
+      try:
+        with open(path, encoding="utf-8") as f:
+          json.load(f)
+      except (OSError, ValueError) as e:
+        err = CheckpointRestoreError(
+            f"Checkpoint step {step} in {self.directory} cannot be read: file {path} is "
+            f"damaged or truncated ({_short(e)}).", step=step,
+            directory=os.path.join(self.directory, str(step)), file=path)
+        err.__cause__ = e
+        return err
+    return None
+
   def _damaged_file(self, step: int, exc: BaseException) -> Optional[str]:
     """The file of checkpoint ``step`` that failed to read, when it can be told: a path of the
     step's folder named in the error chain (TensorStore names them), else a JSON file of the
@@ -588,14 +613,19 @@ class CheckpointManager:
       step = self.latest_step()
       if step is None:
         return None
-      try:
-        restored, err = self.restore(step, state_template, data_iterator), None
-      except CheckpointRestoreError as e:
-        restored, err = None, e
-      # Every process reads its own data-iterator file (and its shards): agree on the outcome,
-      # or a damage seen by one process only would leave the others training while it falls
-      # back (and waits for them at the move): 0 read, 1 damaged, 2 does not fit the template.
-      outcome = _agreed_outcome(0 if err is None else (1 if err.damaged else 2))
+      # Every process restores its own data-iterator file: agree on the outcome (0 read,
+      # 1 damaged, 2 does not fit the template), or a damage seen by one process only would
+      # leave the others training while it falls back. Those files are checked first, without
+      # Orbax (whose restore has collectives of its own that a process leaving early would
+      # mismatch); then the restore itself, by all processes together.
+      restored, err = None, self._iterator_file_error(step, data_iterator)
+      outcome = _agreed_outcome(0 if err is None else 1)
+      if outcome == 0:
+        try:
+          restored = self.restore(step, state_template, data_iterator)
+        except CheckpointRestoreError as e:
+          err = e
+        outcome = _agreed_outcome(0 if err is None else (1 if err.damaged else 2))
       if outcome == 0:
         return restored
       if err is None:
