@@ -240,7 +240,8 @@ def _direct_sq_dist(g):
   return sq_dist
 
 
-def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str, roi_sum=None):
+def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str, roi_sum=None,
+             trace: bool = False):
   """SGC iterations over all pixels with the ROI as a weight mask.
 
   Args:
@@ -252,9 +253,13 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str, roi_
     n_iter: number of iterations (static, >= 1).
     distance: "matmul" or "direct" (see ``sgc_prototypes``).
     roi_sum: (B, C) sum of the ROI features, if the caller has it (saves a pass).
+    trace: also return every iteration's state (``sgc_trace``); without it the computation is
+      unchanged.
 
   Returns:
-    (B, K, C) final centres without coordinates; zeros where the ROI is empty.
+    (B, K, C) final centres without coordinates; zeros where the ROI is empty. With ``trace``,
+    a list over iterations of (D (B, N, K): that iteration's distances to the centres it starts
+    from, (B, K, C): the centres it ends with, zeros where the ROI is empty).
   """
   hi = jax.lax.Precision.HIGHEST
   roi_f = roi.astype(feat.dtype)
@@ -270,6 +275,7 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str, roi_
   else:
     sq_dist = _direct_sq_dist(feat - shift)
   centre_xy = init_xy
+  steps = []
   for _ in range(n_iter):
     xy_d2 = (jnp.square(xy[None, :, None, 0] - centre_xy[:, None, :, 0]) +
              jnp.square(xy[None, :, None, 1] - centre_xy[:, None, :, 1]))
@@ -285,8 +291,13 @@ def _cluster(feat, roi, init_feat, init_xy, xy, n_iter: int, distance: str, roi_
     raw = jnp.einsum("bnk,bnc->bkc", assoc, feat, precision=hi)
     centre = raw - shift
     centre_xy = jnp.einsum("bnk,nd->bkd", assoc, xy, precision=hi)
+    if trace:
+      steps.append((dist, raw))
   # The reference sums over an empty ROI: all-zero centres.
-  return jnp.where((count > 0)[:, None, None], raw, 0.0)
+  nonempty = (count > 0)[:, None, None]
+  if trace:
+    return [(d, jnp.where(nonempty, r, 0.0)) for d, r in steps]
+  return jnp.where(nonempty, raw, 0.0)
 
 
 # Prefix sizes (fractions of h*w) the per-shot SGC iterations may run over (see
@@ -422,3 +433,94 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
                      jnp.where(slot[None, :, None] == 0, fallback[:, None, :], 0.0))
   protos = jnp.where(valid[..., None], protos, 0.0)
   return jax.lax.stop_gradient(protos), valid
+
+
+# ------------------------------------------------------------------- explanation (not the model)
+
+
+def sgc_trace(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_iter: int,
+              distance: str = "auto") -> tuple[jax.Array, jax.Array]:
+  """The clustering of ``sgc_prototypes`` after each of its iterations, with the assignment.
+
+  Runs the same iterations as ``sgc_prototypes`` (the batched form over all h x w pixels with
+  the ROI as a weight mask, same ``distance`` choice; equal to the model's prototypes up to
+  float rounding) and keeps, for every t = 1..n_iter, what ``sgc_prototypes(..., n_iter=t)``
+  and ``sgc_assignment(..., n_iter=t)`` return. For display and inspection (``fss_jax/infer/
+  explain.py``), not used by the model.
+
+  Args: as ``sgc_prototypes`` (feat (B, h, w, C), soft_mask (B, h, w), seeds (B, max_sp, 2),
+    n_iter >= 1 static, distance static).
+
+  Returns:
+    assignment: (n_iter, B, h, w) int32, entry t the assignment after t + 1 iterations (see
+      ``sgc_assignment``).
+    protos: (n_iter, B, max_sp, C), entry t the prototypes after t + 1 iterations (as
+      ``sgc_prototypes``: the masked-average fallback in slot 0 for shots with fewer than 2
+      seeds, zeros in invalid slots).
+  """
+  if feat.ndim != 4 or soft_mask.shape != feat.shape[:3]:
+    raise ValueError(f"sgc_trace: expected feat (B, h, w, C) and soft_mask (B, h, w), got "
+                     f"{feat.shape} and {soft_mask.shape}.")
+  if seeds.ndim != 3 or seeds.shape[0] != feat.shape[0] or seeds.shape[2] != 2:
+    raise ValueError(f"sgc_trace: expected seeds (B, max_sp, 2), got {seeds.shape}.")
+  n_iter = int(n_iter)
+  if n_iter < 1:
+    raise ValueError(f"sgc_trace: n_iter must be >= 1, got {n_iter}.")
+  distance = _resolve_distance(distance)
+  feat = jax.lax.stop_gradient(jnp.asarray(feat))
+  soft_mask = jax.lax.stop_gradient(jnp.asarray(soft_mask, feat.dtype))
+  b, h, w, c = feat.shape
+  max_sp = seeds.shape[1]
+  seeds = jnp.asarray(seeds).astype(jnp.int32)
+  flat_feat = feat.reshape(b, h * w, c)
+  roi = (soft_mask == 1.0).reshape(b, h * w)
+  n = effective_num_seeds(seeds)
+  use_sgc = n >= 2
+  slot = jnp.arange(max_sp)
+  init_feat = jnp.take_along_axis(
+      flat_feat, (seeds[..., 0] * w + seeds[..., 1])[..., None], axis=1)
+  xy = jnp.asarray(_pixel_coords(h, w), feat.dtype)
+  steps = _cluster(flat_feat, roi, init_feat, seeds.astype(feat.dtype), xy, n_iter, distance,
+                   trace=True)
+  fallback = ops.masked_average_pool(feat, soft_mask)  # shots with fewer than 2 seeds
+  valid = jnp.where(use_sgc[:, None], slot[None, :] < n[:, None], slot[None, :] == 0)
+  in_sgc = roi & use_sgc[:, None]
+  assignments, protos = [], []
+  for dist, centres in steps:
+    # Nearest valid centre: argmin over slots < n of D (first slot on ties).
+    d = jnp.where((slot[None, :] < n[:, None])[:, None, :], dist, jnp.inf)
+    a = jnp.where(in_sgc, jnp.argmin(d, axis=-1), -1).astype(jnp.int32)
+    assignments.append(a.reshape(b, h, w))
+    p = jnp.where(use_sgc[:, None, None], centres,
+                  jnp.where(slot[None, :, None] == 0, fallback[:, None, :], 0.0))
+    protos.append(jnp.where(valid[..., None], p, 0.0))
+  return jnp.stack(assignments), jnp.stack(protos)
+
+
+def sgc_assignment(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_iter: int,
+                   distance: str = "auto") -> jax.Array:
+  """Which SGC prototype slot each support pixel belongs to, as the clustering sees it.
+
+  The clustering never makes a hard assignment: its last iteration computes, for every ROI
+  pixel p and valid centre i, D_pi = sqrt(||f_p - c_i||^2 + ||xy_p - xy_i||^2 / 100) to the
+  centres c_i that iteration starts from (after n_iter - 1 updates; the seeds' features for
+  n_iter = 1), and the returned prototypes are the averages sum_p A_pi f_p with A_pi =
+  exp(-D_pi) normalised over the ROI pixels. The assignment of p is the slot i of the nearest
+  valid centre in that last iteration, argmin_i D_pi (first slot on ties) = argmax_i exp(-D_pi),
+  the association *before* its normalisation over pixels (the normalised A_pi is per centre, so
+  its argmax over i can differ). Equivalently: the prototype whose last averaging gives p the
+  largest weight relative to the other centres.
+
+  Computed exactly as the clustering (same distances, same ``distance`` form; ``sgc_trace``),
+  over all pixels at once: equal to the model's clustering up to float rounding, so a pixel
+  almost equidistant from two centres can go either way in float32.
+
+  Args: as ``sgc_prototypes``.
+
+  Returns:
+    (B, h, w) int32 slot index in [0, max_sp) (the shot's slot; ASGNet's global prototype index
+    is shot * max_sp + slot); -1 outside the ROI (``soft_mask != 1.0``) and everywhere for a shot
+    with fewer than 2 effective seeds (``effective_num_seeds``), whose single prototype is the
+    soft-masked average and not a clustering.
+  """
+  return sgc_trace(feat, soft_mask, seeds, n_iter, distance)[0][-1]
