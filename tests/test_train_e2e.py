@@ -171,3 +171,31 @@ def test_two_processes_share_parameters_and_split_the_data(data_dir, reference_r
     assert not set(a) & set(b), (step, a, b)
   seen = [i for r in records for s in r["steps"].values() for i in s]
   assert len(seen) == len(set(seen))  # no episode twice over the run
+
+  # Damage seen by one process only (its own data-iterator file of the newest checkpoint): both
+  # processes agree, move the checkpoint aside, resume from the previous one and finish.
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert sorted(os.listdir(ckpt_dir)) == ["2", "3"]
+  open(os.path.join(ckpt_dir, "3", "data_iter", "process_1-of-2.json"), "w").close()
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid))
+    cmd = [sys.executable, WORKER, CONFIG, workdir, "--override", f"data.data_dir={data_dir}",
+           "--override", "train.total_steps=4", "--override", "data.train_batch_size=4",
+           "--override", "train.accept_changes=train.total_steps"]
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outs = []
+  for p in procs:
+    out, _ = p.communicate(timeout=TIMEOUT)
+    outs.append(out)
+    assert p.returncode == 0, out[-4000:]
+  assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["3"]
+  warning = [line for line in outs[0].splitlines() if "falling back" in line]  # process 0 logs
+  assert len(warning) == 1 and "process_1-of-2.json" in warning[0], outs[0][-3000:]
+  records = [json.load(open(os.path.join(workdir, f"record_{i}.json"))) for i in range(2)]
+  assert [r["final_step"] for r in records] == [4, 4]
+  assert sorted(records[0]["steps"]) == ["3", "4"]  # steps 3 and 4 trained again from step 2
+  assert records[0]["param_digest"] == records[1]["param_digest"]
