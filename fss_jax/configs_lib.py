@@ -361,6 +361,33 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{workdir} has no config.json (is it a train.py run directory?)")
   with open(path, encoding="utf-8") as f:
     try:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
     except ValueError as e:
       raise ValueError(f"{path}: not a valid JSON config: {e}") from e
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path}: not a config (a JSON object expected)")
+  name = (saved.get("model") or {}).get("name", "asgnet")
+  try:
+    config = base_config(name)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
+  _overlay(config, saved)
+  return config
+
+
+def _overlay(config: ml_collections.ConfigDict, saved: dict) -> None:
+  """Sets ``saved``'s values into ``config`` recursively. Fields a run saved before they existed
+  keep their defaults (the value an older run had in effect: a new field's default is the old
+  behaviour, the same rule as ``train/workdir.py``'s resume check); saved fields unknown here
+  are kept as saved."""
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _overlay(config[key], value)
+      continue
+    try:
+      config[key] = value
+    except (TypeError, KeyError):  # another type than the default's (e.g. None): as saved
+      with config.unlocked():
+        if key in config:
+          del config[key]
+        config[key] = value

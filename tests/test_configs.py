@@ -197,3 +197,28 @@ def test_absl_rejects_unknown_override_and_bad_arg(tmp_path):
   assert out.returncode != 0
   assert "Unknown config argument key 'split'" in out.stderr
   assert "allowed keys: amm, backbone, depth, fold, prior, shot" in out.stderr
+
+
+def test_run_config_of_an_older_run_gets_the_new_fields_defaults(tmp_path):
+  """A run saved before a field existed (here model.avg_sp_area, eval.num_images) loads with
+  that field at its default (predict.py / the demo on an older run); saved values win, and
+  saved fields unknown today are kept."""
+  saved = configs_lib.base_config("asgnet").to_dict()
+  default = configs_lib.base_config("asgnet")
+  del saved["model"]["avg_sp_area"]
+  del saved["eval"]["num_images"]
+  saved["data"]["fold"] = 2
+  saved["model"]["shot_weights"] = None  # another type than any default, unknown today
+  saved["train"]["lr"] = default.train.lr * 3
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  config = configs_lib.load_run_config(str(tmp_path))
+  assert config.model.avg_sp_area == default.model.avg_sp_area
+  assert config.eval.num_images == default.eval.num_images
+  assert config.data.fold == 2 and config.train.lr == default.train.lr * 3
+  assert config.model.shot_weights is None
+  assert config.model.name == "asgnet"
+  with open(tmp_path / "config.json", "w") as f:
+    f.write("[1, 2]")
+  with pytest.raises(ValueError, match="config.json"):
+    configs_lib.load_run_config(str(tmp_path))
