@@ -20,6 +20,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from fss_jax import cli
@@ -49,6 +50,8 @@ def _step(value: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax's and the HTTP client's INFO lines: only
+    logging.set_verbosity(logging.WARNING)   # with --verbosity (as train.py / evaluate.py)
   if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
     cli.fail("give exactly one of --workdir (a training run) or --checkpoint (a model file).")
   from fss_jax import configs_lib  # pylint: disable=g-import-not-at-top
