@@ -2,15 +2,18 @@
 
 Every backbone is a Flax module called as ``backbone(x, use_running_average, upto=, start=)``
 that returns a dict of the layers it ran, 'layer0'..'layer4' (``resnet.ResNet``,
-``vgg.VGG16BN``). Registered:
+``vgg.VGG16BN``, ``vgg.VGG16PANet``). Registered:
 
   resnet        deep-stem dilated ResNet-50/101, output stride 8 (``model.depth``)
   resnet_small  the same with ``model.backbone_width`` / ``backbone_blocks`` (trained from scratch)
   vgg16_bn      torchvision's VGG16-bn cut as PFENet does, output stride 16
+  vgg16_panet   PANet's VGG-16 (no BN; 3x3 pools, pool4 stride 1, conv5 dilated 2, no ReLU after
+                conv5_3), output stride 8 from layer2 on; PANet uses layer4 only and trains it all
 
 A backbone's PyTorch names come in two schemes: 'imagenet' (the ImageNet file it is initialised
-from: ``resnet50_v2.pth``, torchvision's ``vgg16_bn-6c64b313.pth``) and 'model' (inside a
-trained model's checkpoint: ``layer0.4.weight``, ``layer2.7.running_mean``).
+from: ``resnet50_v2.pth``, torchvision's ``vgg16_bn-6c64b313.pth`` / ``vgg16-397923af.pth``) and
+'model' (inside a trained model's checkpoint: ``layer0.4.weight``, ``layer2.7.running_mean``;
+PANet's ``features.6.2.weight``, under the model's ``encoder.backbone.``).
 """
 import dataclasses
 from typing import Any, Callable, Sequence
@@ -57,6 +60,10 @@ def _vgg(m) -> vgg.VGG16BN:
   return vgg.VGG16BN(dtype=DTYPES[m.backbone_dtype])
 
 
+def _vgg_panet(m) -> vgg.VGG16PANet:
+  return vgg.VGG16PANet(dtype=DTYPES[m.backbone_dtype])
+
+
 _RESNET = Backbone(_resnet, resnet.torch_module_path, resnet.TORCH_ORDER,
                    resnet.IMAGENET_IGNORED, stride=8)
 BACKBONES = {
@@ -64,6 +71,8 @@ BACKBONES = {
     "resnet_small": _RESNET,
     "vgg16_bn": Backbone(_vgg, vgg.torch_module_path, vgg.TORCH_ORDER, vgg.IMAGENET_IGNORED,
                          stride=16),
+    "vgg16_panet": Backbone(_vgg_panet, vgg.panet_torch_module_path, vgg.PANET_TORCH_ORDER,
+                            vgg.IMAGENET_IGNORED, stride=8),
 }
 
 
