@@ -147,21 +147,31 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_share_parameters_and_split_the_data(data_dir, reference_run, tmp_path):
-  workdir = str(tmp_path / "two")
-  os.makedirs(workdir)
+def _two_processes(workdir, data_dir, *overrides):
+  """Runs train_worker.py as processes 0 and 1 of one jax.distributed job; their outputs."""
   port = _free_port()
   procs = []
   for pid in range(2):
     env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid))
     cmd = [sys.executable, WORKER, CONFIG, workdir, "--override", f"data.data_dir={data_dir}",
-           "--override", "train.total_steps=3", "--override", "data.train_batch_size=4"]
+           "--override", "data.train_batch_size=4"]
+    for o in overrides:
+      cmd += ["--override", o]
     procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
+  outs = []
   for p in procs:
     out, _ = p.communicate(timeout=TIMEOUT)
+    outs.append(out)
     assert p.returncode == 0, out[-4000:]
+  return outs
+
+
+def test_two_processes_share_parameters_and_split_the_data(data_dir, reference_run, tmp_path):
+  workdir = str(tmp_path / "two")
+  os.makedirs(workdir)
+  _two_processes(workdir, data_dir, "train.total_steps=3")
   records = [json.load(open(os.path.join(workdir, f"record_{i}.json"))) for i in range(2)]
   assert [r["process_count"] for r in records] == [2, 2]
   assert records[0]["param_digest"] == records[1]["param_digest"]
@@ -177,21 +187,8 @@ def test_two_processes_share_parameters_and_split_the_data(data_dir, reference_r
   ckpt_dir = os.path.join(workdir, "checkpoints")
   assert sorted(os.listdir(ckpt_dir)) == ["2", "3"]
   open(os.path.join(ckpt_dir, "3", "data_iter", "process_1-of-2.json"), "w").close()
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid))
-    cmd = [sys.executable, WORKER, CONFIG, workdir, "--override", f"data.data_dir={data_dir}",
-           "--override", "train.total_steps=4", "--override", "data.train_batch_size=4",
-           "--override", "train.accept_changes=train.total_steps"]
-    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  outs = []
-  for p in procs:
-    out, _ = p.communicate(timeout=TIMEOUT)
-    outs.append(out)
-    assert p.returncode == 0, out[-4000:]
+  outs = _two_processes(workdir, data_dir, "train.total_steps=4",
+                        "train.accept_changes=train.total_steps")
   assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["3"]
   warning = [line for line in outs[0].splitlines() if "falling back" in line]  # process 0 logs
   assert len(warning) == 1 and "process_1-of-2.json" in warning[0], outs[0][-3000:]

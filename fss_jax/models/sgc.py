@@ -324,6 +324,20 @@ def _resolve_distance(distance: str) -> str:
   return distance
 
 
+def _check_args(fn: str, feat, soft_mask, seeds, n_iter) -> int:
+  """Raises ValueError naming ``fn`` on shapes other than feat (B, h, w, C), soft_mask
+  (B, h, w), seeds (B, max_sp, 2), or n_iter < 1; returns int(n_iter)."""
+  if feat.ndim != 4 or soft_mask.shape != feat.shape[:3]:
+    raise ValueError(f"{fn}: expected feat (B, h, w, C) and soft_mask (B, h, w), got "
+                     f"{feat.shape} and {soft_mask.shape}.")
+  if seeds.ndim != 3 or seeds.shape[0] != feat.shape[0] or seeds.shape[2] != 2:
+    raise ValueError(f"{fn}: expected seeds (B, max_sp, 2), got {seeds.shape}.")
+  n_iter = int(n_iter)
+  if n_iter < 1:
+    raise ValueError(f"{fn}: n_iter must be >= 1, got {n_iter}.")
+  return n_iter
+
+
 def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_iter: int,
                    distance: str = "auto",
                    loop: bool | None = None) -> tuple[jax.Array, jax.Array]:
@@ -369,15 +383,8 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
     protos: (B, max_sp, C) prototypes; invalid slots are zeros.
     valid: (B, max_sp) bool; slots >= n are invalid, and with n <= 1 only slot 0 is valid.
   """
-  if feat.ndim != 4 or soft_mask.shape != feat.shape[:3]:
-    raise ValueError(f"sgc_prototypes: expected feat (B, h, w, C) and soft_mask (B, h, w), got "
-                     f"{feat.shape} and {soft_mask.shape}.")
-  if seeds.ndim != 3 or seeds.shape[0] != feat.shape[0] or seeds.shape[2] != 2:
-    raise ValueError(f"sgc_prototypes: expected seeds (B, max_sp, 2), got {seeds.shape}.")
+  n_iter = _check_args("sgc_prototypes", feat, soft_mask, seeds, n_iter)
   distance = _resolve_distance(distance)
-  n_iter = int(n_iter)
-  if n_iter < 1:
-    raise ValueError(f"sgc_prototypes: n_iter must be >= 1, got {n_iter}.")
   feat = jax.lax.stop_gradient(feat)
   soft_mask = jax.lax.stop_gradient(soft_mask)
   b, h, w, c = feat.shape
@@ -458,14 +465,7 @@ def sgc_trace(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_iter: i
       ``sgc_prototypes``: the masked-average fallback in slot 0 for shots with fewer than 2
       seeds, zeros in invalid slots).
   """
-  if feat.ndim != 4 or soft_mask.shape != feat.shape[:3]:
-    raise ValueError(f"sgc_trace: expected feat (B, h, w, C) and soft_mask (B, h, w), got "
-                     f"{feat.shape} and {soft_mask.shape}.")
-  if seeds.ndim != 3 or seeds.shape[0] != feat.shape[0] or seeds.shape[2] != 2:
-    raise ValueError(f"sgc_trace: expected seeds (B, max_sp, 2), got {seeds.shape}.")
-  n_iter = int(n_iter)
-  if n_iter < 1:
-    raise ValueError(f"sgc_trace: n_iter must be >= 1, got {n_iter}.")
+  n_iter = _check_args("sgc_trace", feat, soft_mask, seeds, n_iter)
   distance = _resolve_distance(distance)
   feat = jax.lax.stop_gradient(jnp.asarray(feat))
   soft_mask = jax.lax.stop_gradient(jnp.asarray(soft_mask, feat.dtype))
