@@ -28,9 +28,15 @@ STEPS = 6
 TIMEOUT = 600
 
 
-def _env(**extra):
+# The session's persistent compilation cache (tests/conftest.py) reaches the single-process runs:
+# the reference, interrupted and resumed runs compile the same programs.
+_CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+
+
+def _env(cache=True, **extra):
   env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("XLA_", "JAX_", "FSS_JAX_"))}
+         if not k.startswith(("XLA_", "JAX_", "FSS_JAX_")) or (cache and k in _CACHE_VARS)}
   env["JAX_PLATFORMS"] = "cpu"
   env["XLA_FLAGS"] = numerics.child_xla_flags()
   if "XLA_FLAGS" in extra:
@@ -152,7 +158,8 @@ def _two_processes(workdir, data_dir, *overrides):
   port = _free_port()
   procs = []
   for pid in range(2):
-    env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+    # No shared cache: two processes would write the same entries at once.
+    env = _env(cache=False, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid))
     cmd = [sys.executable, WORKER, CONFIG, workdir, "--override", f"data.data_dir={data_dir}",
            "--override", "data.train_batch_size=4"]
