@@ -1,13 +1,14 @@
 r"""Writes evaluation episodes of a converted dataset as image files, to try predict.py / the demo.
 
   # three 1-shot episodes of fold 0's novel classes of the procedural dataset (the default job's
-  # cache), drawn as the evaluator draws them (seed 321):
+  # cache), drawn as the evaluator draws them (seed 321; --min_pixels = the config's
+  # data.min_class_pixels, 64 in the synthetic_* configs: another value draws other episodes):
   python scripts/export_episodes.py --data_dir ~/.cache/fss_jax/synthetic --fold 0 \
-      --episodes 3 --out examples
+      --episodes 3 --min_pixels 64 --out examples
   # then, for example:
-  python scripts/predict.py --workdir workdirs/synthetic \
-      --support examples/episode_0/support_0.png:examples/episode_0/support_0_mask.png \
-      --query examples/episode_0/query.png --output predictions --explain
+  python scripts/predict.py --workdir=workdirs/synthetic \
+      --support=examples/episode_0/support_0.png:examples/episode_0/support_0_mask.png \
+      --query=examples/episode_0/query.png --output=predictions --explain
 
 Per episode: support_<k>.png and support_<k>_mask.png (255 object), query.png and
 query_truth.png (255 object, 128 ignore); episodes.json lists classes and image ids
@@ -33,8 +34,10 @@ def main(argv=None) -> int:
   parser.add_argument("--split", default="val")
   parser.add_argument("--classes", choices=["novel", "base"], default="novel")
   parser.add_argument("--min_pixels", type=int, default=None,
-                      help="smallest class area of an eligible image (the config's "
-                           "data.min_class_pixels; default: the pipeline's, 2048)")
+                      help="smallest class area of an eligible image: the config's "
+                           "data.min_class_pixels, for the evaluator's episodes (default: the "
+                           "pipeline's, 2048, as the PASCAL / COCO configs; the procedural "
+                           "configs (synthetic_*) use 64)")
   args = parser.parse_args(argv)
   try:
     eps = examples.write_episodes(args.data_dir, args.out, fold=args.fold, shot=args.shot,
