@@ -338,6 +338,20 @@ def _check_args(fn: str, feat, soft_mask, seeds, n_iter) -> int:
   return n_iter
 
 
+def _cluster_inputs(feat, soft_mask, seeds):
+  """What the clustering starts from: int32 seeds, flat features (B, h·w, C), the ROI
+  (B, h·w) = soft_mask == 1, the effective seed count n (B,), the seeds' features (B, max_sp, C)
+  and the pixel coordinates (h·w, 2)."""
+  b, h, w, c = feat.shape
+  seeds = seeds.astype(jnp.int32)
+  flat_feat = feat.reshape(b, h * w, c)
+  roi = (soft_mask == 1.0).reshape(b, h * w)
+  init_feat = jnp.take_along_axis(
+      flat_feat, (seeds[..., 0] * w + seeds[..., 1])[..., None], axis=1)
+  xy = jnp.asarray(_pixel_coords(h, w), feat.dtype)
+  return seeds, flat_feat, roi, effective_num_seeds(seeds), init_feat, xy
+
+
 def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_iter: int,
                    distance: str = "auto",
                    loop: bool | None = None) -> tuple[jax.Array, jax.Array]:
@@ -389,16 +403,9 @@ def sgc_prototypes(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_it
   soft_mask = jax.lax.stop_gradient(soft_mask)
   b, h, w, c = feat.shape
   max_sp = seeds.shape[1]
-  seeds = seeds.astype(jnp.int32)
-  flat_feat = feat.reshape(b, h * w, c)
-  roi = (soft_mask == 1.0).reshape(b, h * w)
-
-  n = effective_num_seeds(seeds)
+  seeds, flat_feat, roi, n, init_feat, xy = _cluster_inputs(feat, soft_mask, seeds)
   use_sgc = n >= 2
   slot = jnp.arange(max_sp)
-  init_feat = jnp.take_along_axis(
-      flat_feat, (seeds[..., 0] * w + seeds[..., 1])[..., None], axis=1)  # (B, K, C)
-  xy = jnp.asarray(_pixel_coords(h, w), feat.dtype)
 
   def cluster(args, roi_first: bool):
     f, r, i_f, i_xy, m = args
@@ -471,15 +478,9 @@ def sgc_trace(feat: jax.Array, soft_mask: jax.Array, seeds: jax.Array, n_iter: i
   soft_mask = jax.lax.stop_gradient(jnp.asarray(soft_mask, feat.dtype))
   b, h, w, c = feat.shape
   max_sp = seeds.shape[1]
-  seeds = jnp.asarray(seeds).astype(jnp.int32)
-  flat_feat = feat.reshape(b, h * w, c)
-  roi = (soft_mask == 1.0).reshape(b, h * w)
-  n = effective_num_seeds(seeds)
+  seeds, flat_feat, roi, n, init_feat, xy = _cluster_inputs(feat, soft_mask, jnp.asarray(seeds))
   use_sgc = n >= 2
   slot = jnp.arange(max_sp)
-  init_feat = jnp.take_along_axis(
-      flat_feat, (seeds[..., 0] * w + seeds[..., 1])[..., None], axis=1)
-  xy = jnp.asarray(_pixel_coords(h, w), feat.dtype)
   steps = _cluster(flat_feat, roi, init_feat, seeds.astype(feat.dtype), xy, n_iter, distance,
                    trace=True)
   fallback = ops.masked_average_pool(feat, soft_mask)  # shots with fewer than 2 seeds
