@@ -106,6 +106,9 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
   c.data.data_dir = ""                 # directory with manifest.json + TFRecord shards
   c.data.fold = 0
   c.data.shot = 1                      # training episodes (and evaluation unless eval_shot)
+  # N-way episodes (PANet): N distinct classes per episode, K shots each; supports way-major
+  # (fss_jax/data/pipeline.py). 1 for every model but PANet.
+  c.data.way = 1
   c.data.eval_shot = 0                 # > 0: evaluation shots (PFENet: 1-shot model at 5 shots)
   c.data.image_size = 473              # 8k+1; train crop and evaluation canvas
   c.data.train_batch_size = 4          # global (over all processes)

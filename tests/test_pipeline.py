@@ -50,10 +50,12 @@ def test_train_batch_layout(dataset_dir):
       "supp_images": ((4, 2, SIZE, SIZE, 3), "float32"),
       "supp_labels": ((4, 2, SIZE, SIZE), "uint8"),
       "class_id": ((4,), "int32"),
+      "class_ids": ((4, 1), "int32"),
       "index": ((4,), "int64"),
       "query_record": ((4,), "int64"),
       "supp_records": ((4, 2), "int64"),
   }
+  np.testing.assert_array_equal(batch["class_ids"][:, 0], batch["class_id"])
   np.testing.assert_array_equal(batch["index"], [0, 1, 2, 3])
   for key in ("query_label", "supp_labels"):
     assert set(np.unique(batch[key])) <= {0, 1, 255}

@@ -53,7 +53,7 @@ def test_preset_resolves_per_dataset(name, dataset):
   assert (p.name, p.episodes, list(p.seeds), p.original_label) == (name, episodes, seeds,
                                                                    original)
   assert p.header() == {"protocol": name, "episodes": episodes, "seeds": seeds,
-                        "original_label": original}
+                        "original_label": original, "metric": "fss"}
   assert ("PASCAL-5i count" in p.note) == (dataset == "synthetic")
   with pytest.raises(dataclasses.FrozenInstanceError):
     p.episodes = 1
@@ -170,8 +170,10 @@ def test_evaluate_script_asgnet_preset_scores_1001_episodes(tiny, tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "protocol asgnet: 1001 episodes x 1 seed [321], original labels" in proc.stdout
   doc = json.load(open(out))
-  assert {k: doc[k] for k in ("protocol", "episodes", "seeds", "original_label")} == {
-      "protocol": "asgnet", "episodes": 1001, "seeds": [321], "original_label": True}
+  assert {k: doc[k] for k in (
+      "protocol", "episodes", "seeds", "original_label", "metric")} == {
+      "protocol": "asgnet", "episodes": 1001, "seeds": [321], "original_label": True,
+      "metric": "fss"}
   (run,) = doc["per_seed"]
   assert run["seed"] == 321 and run["episodes"] == 1001
   assert sum(c["episodes"] for c in run["per_class"].values()) == 1001

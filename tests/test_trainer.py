@@ -76,8 +76,10 @@ def test_sigterm_saves_and_the_next_run_resumes(data_dir, tmp_path, monkeypatch)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k])
   assert set(final["per_seed"][0]["per_class"]) == {"1", "2", "3", "4", "5"}  # fold 0 novel
-  assert {k: final[k] for k in ("protocol", "episodes", "seeds", "original_label")} == {
-      "protocol": "hsnet", "episodes": 3, "seeds": [0, 7], "original_label": False}
+  assert {k: final[k] for k in (
+      "protocol", "episodes", "seeds", "original_label", "metric")} == {
+      "protocol": "hsnet", "episodes": 3, "seeds": [0, 7], "original_label": False,
+      "metric": "fss"}
   assert [(r["seed"], r["episodes"]) for r in final["per_seed"]] == [(0, 3), (7, 3)]
   assert final["miou"]["mean"] == pytest.approx(out["final"]["miou"]["mean"])
 

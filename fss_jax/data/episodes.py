@@ -17,6 +17,15 @@ eligible. Episode i draws from `np.random.default_rng([seed, i])`, so an episode
 pure function of (dataset, novel classes, shot, seed, i) and a longer list extends a
 shorter one. The reference's loop lets N+1 episodes through; here N means N.
 
+N-way episodes (PANet, `way` > 1): the class drawn as above is the query's own; the other
+N - 1 classes are drawn uniformly without replacement among the other usable classes (base
+classes in training; in evaluation the novel classes with K supports other than the query),
+the query's class takes a uniformly drawn way position, and each way gets K supports of its
+class (query excluded), drawn way after way. Supports are way-major (way 0's K shots, then way
+1's, ...), the official PANet order. This differs from PANet's own sampler, which draws the N
+classes first and then the query from one of their lists (reference_panet.md §3); a 1-way
+episode is drawn exactly as before (no extra draws).
+
 Small datasets: a class eligible in too few images to give a query K *other* supports
 cannot form an episode (the reference would loop forever or crash). Such a class is left
 out of the draw (training: for every query; evaluation: for the queries where it lacks
@@ -40,12 +49,34 @@ class Episode:
 
   Attributes:
     query: record index of the query image.
-    supports: K distinct record indices, none equal to query.
-    class_id: the episode's class (label pixels of this id become 1).
+    supports: N·K record indices, way-major (way w's shots are supports[w*K:(w+1)*K]); the K
+      of one way are distinct and none equals query.
+    class_id: way 0's class (a 1-way episode's class: label pixels of this id become 1).
+    class_ids: every way's class, in way order (default: (class_id,)).
+    query_way: the way whose class the query was drawn for (0 in a 1-way episode).
   """
   query: int
   supports: tuple[int, ...]
   class_id: int
+  class_ids: tuple[int, ...] = ()
+  query_way: int = 0
+
+  def __post_init__(self):
+    if not self.class_ids:
+      object.__setattr__(self, "class_ids", (int(self.class_id),))
+    if int(self.class_ids[0]) != int(self.class_id):
+      raise ValueError(f"Episode: class_id {self.class_id} is not way 0's class "
+                       f"{self.class_ids[0]}")
+    if len(self.supports) % len(self.class_ids):
+      raise ValueError(f"Episode: {len(self.supports)} supports for {len(self.class_ids)} ways")
+
+  @property
+  def way(self) -> int:
+    return len(self.class_ids)
+
+  @property
+  def shot(self) -> int:
+    return len(self.supports) // len(self.class_ids)
 
 
 def class_pixels(image: Mapping[str, Any] | Mapping[int, int]) -> dict[int, int]:
@@ -96,6 +127,26 @@ def _draw_supports(class_images: np.ndarray, query: int, shot: int,
   return tuple(int(candidates[p]) for p in picks)
 
 
+def _episode(query: int, class_id: int, pool, way: int, shot: int, class_images,
+             rng: np.random.Generator) -> Episode:
+  """The episode of (query, its class): 1-way, K supports; N-way, N - 1 more classes drawn
+  from `pool` (ascending, class_id not in it), the query's way position, then K supports per
+  way, way after way (see the module docstring)."""
+  if way == 1:
+    return Episode(query, _draw_supports(class_images[class_id], query, shot, rng, class_id),
+                   class_id)
+  if len(pool) < way - 1:
+    raise ValueError(f"a {way}-way episode of query record {query} (class {class_id}) needs "
+                     f"{way - 1} other classes with {shot}-shot supports; only {list(pool)}")
+  others = [int(pool[i]) for i in rng.choice(len(pool), size=way - 1, replace=False)]
+  position = int(rng.integers(way))
+  class_ids = others[:position] + [int(class_id)] + others[position:]
+  supports = ()
+  for c in class_ids:
+    supports += _draw_supports(class_images[c], query, shot, rng, c)
+  return Episode(query, supports, class_ids[0], tuple(class_ids), position)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -108,28 +159,31 @@ class TrainSampler:
     query_classes: for each query, its eligible base classes (ascending).
     class_images: base class id -> int64 record indices where it is eligible.
     shot: K.
+    way: N (classes per episode).
   """
   queries: np.ndarray
   query_classes: tuple[tuple[int, ...], ...]
   class_images: Mapping[int, np.ndarray]
   shot: int
+  way: int = 1
 
   def __len__(self) -> int:
     return len(self.queries)
 
   def sample(self, position: int, rng: np.random.Generator) -> Episode:
-    """Episode for query list entry `position` (mod N); draws: class, then supports."""
+    """Episode for query list entry `position` (mod N); draws: class, (N-way: the other
+    classes and the query's way), then supports."""
     position = int(position) % len(self.queries)
     query = int(self.queries[position])
     choices = self.query_classes[position]
     class_id = choices[int(rng.integers(len(choices)))]
-    supports = _draw_supports(self.class_images[class_id], query, self.shot, rng,
-                              class_id)
-    return Episode(query, supports, class_id)
+    pool = [c for c in self.class_images if c != class_id] if self.way > 1 else ()
+    return _episode(query, class_id, pool, self.way, self.shot, self.class_images, rng)
 
 
 def train_episode_sampler(images: Sequence[Mapping], base_classes: Collection[int],
-                          shot: int, min_pixels: int = MIN_CLASS_PIXELS) -> TrainSampler:
+                          shot: int, min_pixels: int = MIN_CLASS_PIXELS,
+                          way: int = 1) -> TrainSampler:
   """Builds the training query list and class index from manifest image entries.
 
   Args:
@@ -137,11 +191,14 @@ def train_episode_sampler(images: Sequence[Mapping], base_classes: Collection[in
     base_classes: the fold's base (training) class ids.
     shot: supports per episode.
     min_pixels: eligibility threshold (the reference's 2*32*32).
+    way: classes per episode.
   Raises:
-    ValueError: no image has a usable base class.
+    ValueError: no image has a usable base class, or fewer than `way` classes are usable.
   """
   if shot < 1:
     raise ValueError(f"shot must be >= 1, got {shot}")
+  if way < 1:
+    raise ValueError(f"way must be >= 1, got {way}")
   base = {int(c) for c in base_classes}
   class_images = build_class_index(images, base, min_pixels)
   short = {c: len(v) for c, v in class_images.items() if 0 < len(v) <= shot}
@@ -159,8 +216,11 @@ def train_episode_sampler(images: Sequence[Mapping], base_classes: Collection[in
   if not queries:
     raise ValueError(f"no image has a base class with >= {min_pixels} pixels that is "
                      f"eligible in at least {shot + 1} images")
+  if len(usable) < way:
+    raise ValueError(f"{way}-way episodes need {way} base classes eligible in more than "
+                     f"{shot} images; only {sorted(usable)} are")
   return TrainSampler(np.asarray(queries, np.int64), tuple(query_classes),
-                      {c: class_images[c] for c in sorted(usable)}, int(shot))
+                      {c: class_images[c] for c in sorted(usable)}, int(shot), int(way))
 
 
 def sample_train_episode(sampler: TrainSampler, position: int,
@@ -174,7 +234,7 @@ def sample_train_episode(sampler: TrainSampler, position: int,
 
 def eval_episodes(images: Sequence[Mapping], novel: Collection[int], shot: int,
                   num_episodes: int, seed: int,
-                  min_pixels: int = MIN_CLASS_PIXELS) -> list[Episode]:
+                  min_pixels: int = MIN_CLASS_PIXELS, way: int = 1) -> list[Episode]:
   """The evaluation episode list (§8), exactly `num_episodes` long.
 
   Args:
@@ -185,11 +245,15 @@ def eval_episodes(images: Sequence[Mapping], novel: Collection[int], shot: int,
     seed: episode i draws from np.random.default_rng([seed, i]); other seeds give the
       independent sets of multi-seed evaluation.
     min_pixels: eligibility threshold.
+    way: classes per episode (the others among the novel classes with `shot` supports
+      besides the query).
   Returns:
     N episodes; episode i's query is the (i mod M)-th image with an eligible novel class.
   """
   if shot < 1:
     raise ValueError(f"shot must be >= 1, got {shot}")
+  if way < 1:
+    raise ValueError(f"way must be >= 1, got {way}")
   novel = {int(c) for c in novel}
   table = _pixel_table(images)
   class_images = build_class_index(images, novel, min_pixels)
@@ -221,8 +285,9 @@ def eval_episodes(images: Sequence[Mapping], novel: Collection[int], shot: int,
     query = queries[i % len(queries)]
     present = drawable[i % len(queries)]
     class_id = present[int(rng.integers(len(present)))]
-    supports = _draw_supports(class_images[class_id], query, shot, rng, class_id)
-    episodes.append(Episode(query, supports, class_id))
+    pool = ([c for c in sorted(novel) if c != class_id and others(c, query) >= shot]
+            if way > 1 else ())
+    episodes.append(_episode(query, class_id, pool, way, shot, class_images, rng))
   return episodes
 
 
@@ -241,18 +306,18 @@ def fold_classes(manifest, fold: int, which: str = "novel") -> list[int]:
 
 def eval_episode_list(manifest, split: str, fold: int, shot: int, num_episodes: int,
                       seed: int, min_pixels: int = MIN_CLASS_PIXELS,
-                      which: str = "novel") -> list[Episode]:
+                      which: str = "novel", way: int = 1) -> list[Episode]:
   """`eval_episodes` for fold `fold` of a loaded `schema.Manifest`.
 
   `which="base"` draws episodes of the fold's base classes instead (held-out base-class
   validation on the evaluation split, for model selection without looking at novel classes).
   """
   return eval_episodes(manifest.images(split), fold_classes(manifest, fold, which), shot,
-                       num_episodes, seed, min_pixels)
+                       num_episodes, seed, min_pixels, way)
 
 
 def train_sampler_for_fold(manifest, split: str, fold: int, shot: int,
-                           min_pixels: int = MIN_CLASS_PIXELS) -> TrainSampler:
+                           min_pixels: int = MIN_CLASS_PIXELS, way: int = 1) -> TrainSampler:
   """`train_episode_sampler` with the base classes of fold `fold` of a Manifest."""
   return train_episode_sampler(manifest.images(split), fold_classes(manifest, fold, "base"),
-                               shot, min_pixels)
+                               shot, min_pixels, way)

@@ -21,19 +21,24 @@ episode 0 and carry `valid == False`.
 
 Element layout, the batch contract between data, train steps and evaluator: models name the
 entries they read (``model.inputs``, passed to ``__call__`` by name, and ``model.targets``, read
-by their loss; fss_jax/models/registry.py). Batched, B = per-process batch size, K = shot,
-S = image size:
+by their loss; fss_jax/models/registry.py). Batched, B = per-process batch size, N = way
+(``data.way``, 1 but for PANet), K = shot, S = image size:
   query        float32 (B, S, S, 3)   normalised RGB
-  query_label  uint8   (B, S, S)      {0 background, 1 class, 255 ignore}
-  supp_images  float32 (B, K, S, S, 3)
-  supp_labels  uint8   (B, K, S, S)
-  class_id     int32   (B,)
+  query_label  uint8   (B, S, S)      {0 background, j + 1 = way j's class, 255 ignore}
+                                      (1-way: {0, 1, 255})
+  supp_images  float32 (B, N·K, S, S, 3)  way-major: support i is way i // K, shot i % K
+  supp_labels  uint8   (B, N·K, S, S) relative to the support's own way: 1 its class, 0
+                                      background, 254 neither (another class of the
+                                      episode; transforms.NEITHER), 255 ignore
+                                      (1-way: {0, 1, 255})
+  class_id     int32   (B,)           way 0's class (1-way: the episode's class)
+  class_ids    int32   (B, N)         every way's class
   index        int64   (B,)           global episode index (train: stream position)
   query_record int64   (B,)           record index of the query in its split
-  supp_records int64   (B, K)
+  supp_records int64   (B, N·K)
 and for evaluation also
   valid        bool    (B,)
-  orig_label   uint8   (B, M, M)      (optional) binary label at the original size,
+  orig_label   uint8   (B, M, M)      (optional) query label at the original size,
                                       top-left, padded with 255 (the reference compares
                                       against the max(H, W) square: crop [:L, :L])
   orig_size    int32   (B, 2)         (optional) original (H, W)
@@ -41,6 +46,7 @@ and for evaluation also
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -132,17 +138,28 @@ def _as_list(items):
   return list(items)
 
 
-def _episode_specs(batch: int, shot: int, size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+def _episode_specs(batch: int, shot: int, size: int,
+                   way: int = 1) -> dict[str, tuple[tuple[int, ...], Any]]:
+  n = way * shot
   return {
       "query": ((batch, size, size, 3), np.float32),
       "query_label": ((batch, size, size), np.uint8),
-      "supp_images": ((batch, shot, size, size, 3), np.float32),
-      "supp_labels": ((batch, shot, size, size), np.uint8),
+      "supp_images": ((batch, n, size, size, 3), np.float32),
+      "supp_labels": ((batch, n, size, size), np.uint8),
       "class_id": ((batch,), np.int32),
+      "class_ids": ((batch, way), np.int32),
       "index": ((batch,), np.int64),
       "query_record": ((batch,), np.int64),
-      "supp_records": ((batch, shot), np.int64),
+      "supp_records": ((batch, n), np.int64),
   }
+
+
+def _fill_episode_ids(out, j: int, ep: episodes_lib.Episode, index: int) -> None:
+  out["class_id"][j] = ep.class_id
+  out["class_ids"][j] = ep.class_ids
+  out["index"][j] = index
+  out["query_record"][j] = ep.query
+  out["supp_records"][j] = ep.supports
 
 
 # ----------------------------------------------------------------------------- training
@@ -177,17 +194,19 @@ class TrainBatchFn:
 
   def __call__(self, items: list[tuple[int, int]]) -> dict[str, np.ndarray]:
     out, finish = _new_batch(
-        _episode_specs(len(items), self.sampler.shot, self.aug.size), self.recycler)
+        _episode_specs(len(items), self.sampler.shot, self.aug.size, self.sampler.way),
+        self.recycler)
     for j, (position, entry) in enumerate(items):
       for attempt in range(MAX_SKIPS_PER_EPISODE + 1):
         seed = [self.seed, position] + ([attempt] if attempt else [])
         rng = np.random.default_rng(seed)
         ep = self.sampler.sample((entry + attempt) % len(self.sampler), rng)
         try:
-          self._load(ep.query, ep.class_id, rng, out["query"][j], out["query_label"][j])
+          self._load(ep.query, transforms.query_label, ep.class_ids, rng, out["query"][j],
+                     out["query_label"][j], keep_value=ep.query_way + 1)
           for k, s in enumerate(ep.supports):
-            self._load(s, ep.class_id, rng, out["supp_images"][j, k],
-                       out["supp_labels"][j, k])
+            self._load(s, functools.partial(transforms.support_label, way=k // ep.shot),
+                       ep.class_ids, rng, out["supp_images"][j, k], out["supp_labels"][j, k])
         except schema.BadRecordError as e:
           if not self.skip_bad_records:
             raise schema.BadRecordError(e.kind, e.path, e.record, e.image_id,
@@ -201,16 +220,16 @@ class TrainBatchFn:
         raise RuntimeError(f"training position {position}: {MAX_SKIPS_PER_EPISODE + 1} "
                            "episodes in a row hit bad records; check the dataset with "
                            "scripts/check_dataset.py")
-      out["class_id"][j] = ep.class_id
-      out["index"][j] = position
-      out["query_record"][j] = ep.query
-      out["supp_records"][j] = ep.supports
+      _fill_episode_ids(out, j, ep, position)
     return finish(out)
 
-  def _load(self, record_index, class_id, rng, out_image, out_label):
+  def _load(self, record_index, label_fn, class_ids, rng, out_image, out_label,
+            keep_value=1):
+    """Reads a record, makes its label episode-local (`label_fn(label, class_ids)`) and
+    augments it into the batch slots."""
     image, label = load_record(self.reader, record_index)
-    transforms.train_transform(image, transforms.binarize_label(label, class_id), rng,
-                               self.aug, out=(out_image, out_label))
+    transforms.train_transform(image, label_fn(label, class_ids), rng, self.aug,
+                               out=(out_image, out_label), keep_value=keep_value)
 
 
 def _read_options(threads: int) -> grain.ReadOptions:
@@ -258,14 +277,14 @@ def _check_process(process_index: int, process_count: int) -> None:
 
 
 def _train_positions(dataset_dir, fold, shot, image_size, seed, process_index,
-                     process_count, split, aug, min_pixels, skip_bad_records=False):
+                     process_count, split, aug, min_pixels, skip_bad_records=False, way=1):
   """(MapDataset of (global position, query-list entry) for this process, batch fn)."""
   _check_process(process_index, process_count)
   seed = _check_seed(seed)
   transforms.check_size(image_size)
   aug = dataclasses.replace(aug or transforms.TrainAugConfig(), size=image_size)
   manifest = schema.load_manifest(dataset_dir)
-  sampler = episodes_lib.train_sampler_for_fold(manifest, split, fold, shot, min_pixels)
+  sampler = episodes_lib.train_sampler_for_fold(manifest, split, fold, shot, min_pixels, way)
   reader = manifest.source(split).reader
   ds = grain.MapDataset.range(len(sampler)).shuffle(seed=seed % 2**32).repeat()
   ds = ds.map_with_index(_TagPosition())
@@ -279,7 +298,7 @@ def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed:
                   aug: transforms.TrainAugConfig | None = None,
                   min_pixels: int = episodes_lib.MIN_CLASS_PIXELS,
                   read_threads: int = 1,
-                  skip_bad_records: bool = False) -> grain.IterDataset:
+                  skip_bad_records: bool = False, way: int = 1) -> grain.IterDataset:
   """Infinite stream of training batches (see the module docstring for the layout).
 
   Args:
@@ -301,11 +320,12 @@ def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed:
       OpenCV release the GIL, so threads scale with cores); ignored with workers.
     skip_bad_records: replace episodes that hit an unreadable record (logged; see
       `TrainBatchFn`) instead of stopping with a `schema.BadRecordError` naming it.
+    way: classes per episode (N-way episodes, `episodes.py`).
   Returns:
     IterDataset; `iter()` gives a DatasetIterator with get_state()/set_state().
   """
   ds, fn = _train_positions(dataset_dir, fold, shot, image_size, seed, process_index,
-                            process_count, split, aug, min_pixels, skip_bad_records)
+                            process_count, split, aug, min_pixels, skip_bad_records, way)
   # Batch the (cheap) positions, then build each batch's arrays in place.
   ds = ds.batch(int(batch_size), drop_remainder=True, batch_fn=_as_list).map(fn)
   return _prefetch(ds, num_workers, read_threads)
@@ -324,10 +344,11 @@ class EvalBatchFn:
   process_index: int
   process_count: int
   orig_label_size: int | None
+  way: int = 1
   recycler: shm_slots.ArrayRecycler = _recycler_field()
 
   def __call__(self, slots: list[int]) -> dict[str, np.ndarray]:
-    specs = _episode_specs(len(slots), self.shot, self.image_size)
+    specs = _episode_specs(len(slots), self.shot, self.image_size, self.way)
     specs["valid"] = ((len(slots),), np.bool_)
     if self.orig_label_size is not None:
       m = self.orig_label_size
@@ -338,22 +359,23 @@ class EvalBatchFn:
       index = self.process_index + self.process_count * int(slot)
       valid = index < len(self.episodes)
       ep = self.episodes[index if valid else 0]
-      label = self._load(ep.query, ep.class_id, out["query"][j], out["query_label"][j])
+      label = self._load(ep.query, transforms.query_label, ep.class_ids, out["query"][j],
+                         out["query_label"][j])
       for k, s in enumerate(ep.supports):
-        self._load(s, ep.class_id, out["supp_images"][j, k], out["supp_labels"][j, k])
-      out["class_id"][j] = ep.class_id
-      out["index"][j] = index
-      out["query_record"][j] = ep.query
-      out["supp_records"][j] = ep.supports
+        self._load(s, functools.partial(transforms.support_label, way=k // ep.shot),
+                   ep.class_ids, out["supp_images"][j, k], out["supp_labels"][j, k])
+      _fill_episode_ids(out, j, ep, index)
       out["valid"][j] = valid
       if self.orig_label_size is not None:
         out["orig_label"][j] = transforms.pad_label(label, self.orig_label_size)
         out["orig_size"][j] = label.shape
     return finish(out)
 
-  def _load(self, record_index, class_id, out_image, out_label) -> np.ndarray:
+  def _load(self, record_index, label_fn, class_ids, out_image, out_label) -> np.ndarray:
+    """Reads a record, makes its label episode-local (`label_fn(label, class_ids)`), resizes
+    both into the batch slots; returns the episode-local label at the original size."""
     image, label = load_record(self.reader, record_index)
-    label = transforms.binarize_label(label, class_id)
+    label = label_fn(label, class_ids)
     transforms.eval_resize(image, label, self.image_size, out=(out_image, out_label))
     return label
 
@@ -370,7 +392,8 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
                  process_count: int = 1, num_workers: int = 0, *, split: str = "val",
                  original_label: bool = False, orig_label_size: int | None = None,
                  min_pixels: int = episodes_lib.MIN_CLASS_PIXELS,
-                 read_threads: int = 1, classes: str = "novel") -> grain.IterDataset:
+                 read_threads: int = 1, classes: str = "novel",
+                 way: int = 1) -> grain.IterDataset:
   """Finite stream of evaluation batches over exactly `num_episodes` episodes.
 
   Episode i (of `episodes.eval_episodes(..., seed)`) goes to process i % process_count.
@@ -385,12 +408,13 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
     original_label: also return orig_label / orig_size for original-size evaluation.
     orig_label_size: side M of orig_label; default: the largest side in the split.
     classes: 'novel' (the protocol) or 'base' (held-out base-class episodes of the split).
+    way: classes per episode (N-way episodes, `episodes.py`).
   """
   _check_process(process_index, process_count)
   transforms.check_size(image_size)
   manifest = schema.load_manifest(dataset_dir)
   eps = episodes_lib.eval_episode_list(manifest, split, fold, shot, num_episodes, seed,
-                                       min_pixels, which=classes)
+                                       min_pixels, which=classes, way=way)
   reader = manifest.source(split).reader
   size = None
   if original_label:
@@ -398,7 +422,7 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
                                   for im in manifest.images(split))
   slots = eval_batches_per_process(num_episodes, batch_size, process_count) * batch_size
   fn = EvalBatchFn(tuple(eps), reader, int(shot), image_size, process_index, process_count,
-                   size)
+                   size, int(way))
   ds = grain.MapDataset.range(slots).batch(int(batch_size), batch_fn=_as_list).map(fn)
   return _prefetch(ds, num_workers, read_threads)
 

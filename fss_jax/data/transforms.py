@@ -1,7 +1,9 @@
 """Reference (PFENet/ASGNet) augmentation and evaluation resize, in OpenCV on float32.
 
-Images are RGB, (H, W, 3); labels uint8 (H, W) already made binary for the episode's
-class ({0 background, 1 class, 255 ignore}, see `binarize_label`). Every random number
+Images are RGB, (H, W, 3); labels uint8 (H, W) already made episode-local: {0 background,
+1 class, 255 ignore} for a 1-way episode (`binarize_label`), way ids 1..N for an N-way query
+(`query_label`), and {0, 1, 254 neither, 255} for an N-way support (`support_label`). Every
+random number
 comes from a passed `np.random.Generator`, drawn in this fixed order (per image):
 
   0. (no draw) with `resize_longer` > 0, resize so the longer side is that many pixels
@@ -26,6 +28,9 @@ import cv2
 import numpy as np
 
 IGNORE_LABEL = 255
+# Support labels: pixels that are neither foreground nor background of the support's way (in a
+# dense N-way support, another class of the episode; in a weak support, the unlabelled pixels).
+NEITHER = 254
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The reference works on 0..255 pixel values.
@@ -67,6 +72,32 @@ def binarize_label(label: np.ndarray, class_id: int) -> np.ndarray:
   """uint8 (H, W) class map -> {0, 1, 255}: class_id -> 1, 255 stays, all else -> 0."""
   out = (label == class_id).astype(np.uint8)
   out[label == IGNORE_LABEL] = IGNORE_LABEL
+  return out
+
+
+def query_label(label: np.ndarray, class_ids) -> np.ndarray:
+  """uint8 (H, W) class map -> the episode's query target: class_ids[j] -> j + 1, 255 stays,
+  every other class -> 0 (PANet's ``fewShot``). One class: ``binarize_label``."""
+  class_ids = [int(c) for c in class_ids]
+  if len(class_ids) == 1:
+    return binarize_label(label, class_ids[0])
+  out = np.zeros(label.shape, np.uint8)
+  for j, c in enumerate(class_ids):
+    out[label == c] = j + 1
+  out[label == IGNORE_LABEL] = IGNORE_LABEL
+  return out
+
+
+def support_label(label: np.ndarray, class_ids, way: int) -> np.ndarray:
+  """uint8 (H, W) class map -> the label of a support of way ``way``: its class -> 1, the other
+  classes of the episode -> NEITHER (254), 255 stays, everything else -> 0. PANet's ``getMask``
+  reads it as fg = (== 1), bg = (== 0 or 255); 1-way models as fg = (== 1). One class:
+  ``binarize_label``."""
+  class_ids = [int(c) for c in class_ids]
+  out = binarize_label(label, class_ids[way])
+  for j, c in enumerate(class_ids):
+    if j != way:
+      out[label == c] = NEITHER
   return out
 
 
@@ -207,17 +238,17 @@ def random_hflip(image, label, rng, p=0.5, scratch: Scratch | None = None):
 
 
 def draw_crop(label: np.ndarray, rng: np.random.Generator, size: int, keep: float = 0.85,
-              redraws: int = 30) -> tuple[int, int]:
+              redraws: int = 30, keep_value: int = 1) -> tuple[int, int]:
   """Top-left (y, x) of a random size x size window of the centre-padded label.
 
   The window is re-drawn up to `redraws` times while it holds fewer than keep * (all class
-  pixels) of label == 1. Class-pixel counts come from an integral image (O(1) per draw);
+  pixels) of label == keep_value (1; an N-way query: its own way's id). Class-pixel counts come from an integral image (O(1) per draw);
   the padded arrays are never built.
   """
   h, w = label.shape
   pad_h, pad_w = max(size - h, 0), max(size - w, 0)
   top, left = pad_h // 2, pad_w // 2
-  fg = cv2.integral((label == 1).astype(np.uint8))  # (h+1, w+1) int32
+  fg = cv2.integral((label == keep_value).astype(np.uint8))  # (h+1, w+1) int32
   total = int(fg[-1, -1])
 
   def count(y0, x0):  # class pixels inside the window, in unpadded coordinates
@@ -290,18 +321,21 @@ def _outputs(size: int, out):
 
 
 def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                    config: TrainAugConfig = TrainAugConfig(), out=None):
+                    config: TrainAugConfig = TrainAugConfig(), out=None, keep_value: int = 1):
   """Reference training augmentation of one image.
 
   Args:
     image: (H, W, 3) RGB, uint8 or float32 (0..255).
-    label: uint8 (H, W) in {0, 1, 255}.
+    label: uint8 (H, W) episode-local label (see the module docstring).
     rng: the only source of randomness (see the module docstring for the draw order).
     config: augmentation settings; config.size must be 8k+1.
     out: optional (image float32 (S, S, 3), label integer (S, S)) buffers to write into
       (e.g. slices of a batch), saving a copy.
+    keep_value: the label value whose pixels the crop tries to keep (1; an N-way query: the
+      id of the way its class was drawn for).
   Returns:
-    image float32 (S, S, 3) normalised, label (S, S) in {0, 1, 255} (uint8 unless `out`).
+    image float32 (S, S, 3) normalised, label (S, S) with label's values (uint8 unless
+    `out`), padding 255.
   """
   scratch = _THREAD_SCRATCH.scratch
   image = np.asarray(image)
@@ -316,7 +350,7 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
   image = random_blur(image, rng, config.blur_kernel, config.blur_p, scratch)
   image, label = random_hflip(image, label, rng, config.flip_p, scratch)
   size = config.size
-  y0, x0 = draw_crop(label, rng, size, config.crop_keep, config.crop_redraws)
+  y0, x0 = draw_crop(label, rng, size, config.crop_keep, config.crop_redraws, keep_value)
   src, dst = _window(label.shape, size, y0, x0)
   out_img, out_lab = _outputs(size, out)
   # The normalised padding mean is exactly 0: (m - m) / s. Only the padding is filled: the
@@ -347,7 +381,7 @@ def eval_resize(image: np.ndarray, label: np.ndarray, size: int = 473, out=None)
 
   Args:
     image: (H, W, 3) RGB, uint8 or float32.
-    label: uint8 (H, W) in {0, 1, 255}.
+    label: uint8 (H, W) episode-local label (see the module docstring).
     size: canvas side, 8k+1.
     out: optional (image, label) buffers to write into, as in `train_transform`.
   Returns:

@@ -23,9 +23,10 @@ def denormalize(image: np.ndarray) -> np.ndarray:
 
 def overlay(image: np.ndarray, mask: np.ndarray, colour: Sequence[int],
             alpha: float = 0.55) -> np.ndarray:
-  """Tints ``mask == 1`` pixels, greys out ``mask == 255`` and outlines the mask. uint8 RGB."""
+  """Tints foreground pixels (1..253: the class, or any way's class of an N-way query), greys
+  out ``mask == 255`` and outlines the mask. uint8 RGB."""
   out = image.astype(np.float32)
-  fg = mask == 1
+  fg = (mask >= 1) & (mask < transforms.NEITHER)
   out[fg] = (1 - alpha) * out[fg] + alpha * np.asarray(colour, np.float32)
   out[mask == 255] = 0.3 * out[mask == 255] + 0.7 * 128
   out = out.astype(np.uint8)
@@ -41,8 +42,9 @@ def episode_row(query: np.ndarray, query_label: np.ndarray, supp_images: np.ndar
   """One episode as a strip of K + 2 panels, each ``cell`` pixels square. uint8 RGB.
 
   Args:
-    query: (S,S,3) normalised; query_label, pred: (S,S) in {0,1,255} / {0,1};
-    supp_images: (K,S,S,3); supp_labels: (K,S,S); title: written on the prediction panel.
+    query: (S,S,3) normalised; query_label, pred: (S,S) in {0,1,255} / {0,1} (N-way: way ids
+    1..N); supp_images: (K,S,S,3); supp_labels: (K,S,S) (N-way: N·K, relative to each
+    support's way); title: written on the prediction panel.
   """
   panels = [overlay(denormalize(im), lab, GT_COLOUR) for im, lab in zip(supp_images, supp_labels)]
   q = denormalize(query)

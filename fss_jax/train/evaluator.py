@@ -88,21 +88,29 @@ def resize_to_original(x: jax.Array, sizes: jax.Array, canvas: int) -> jax.Array
 @functools.partial(jax.jit, static_argnames=("model", "original_label"))
 def episode_scores(model, variables, batch: Mapping[str, jax.Array],
                    original_label: bool = False):
-  """Forward + per-episode (inter, union), each (B, 2) int32 [bg, fg], and the (B, S, S) uint8
-  prediction at input resolution (for pictures; fetched only when drawn). Jitted; the model is
-  a static argument, so every evaluator of an equal model shares the compiled function."""
+  """Forward + per-episode (inter, union, target), each (B, C) int32 [bg, way 1, ...] (C = 2,
+  or 1 + N for N-way episodes; target = the label's pixel count of each class), and the
+  (B, S, S) uint8 prediction at input resolution (for pictures; fetched only when drawn).
+  Jitted; the model is a static argument, so every evaluator of an equal model shares the
+  compiled function."""
   out = model.apply(variables, **step_lib.model_inputs(model, batch), train=False)
   logits = out["logits"]
+  num_classes = logits.shape[-1]
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if not original_label:
-    inter, union = metrics_lib.batch_stats(pred, batch["query_label"])
+    label, scored = batch["query_label"], pred
   else:
     label = batch["orig_label"]
     side = jnp.max(batch["orig_size"], axis=-1)
-    diff = resize_to_original(logits[..., 1] - logits[..., 0], side, label.shape[-1])
-    # argmax over 2 classes: ties go to background
-    inter, union = metrics_lib.batch_stats((diff > 0).astype(jnp.int32), label)
-  return inter, union, pred.astype(jnp.uint8)
+    resize = lambda x: resize_to_original(x, side, label.shape[-1])
+    if num_classes == 2:
+      # argmax over 2 classes: ties go to background
+      scored = (resize(logits[..., 1] - logits[..., 0]) > 0).astype(jnp.int32)
+    else:
+      up = jax.vmap(resize, in_axes=-1, out_axes=-1)(logits)
+      scored = jnp.argmax(up, axis=-1).astype(jnp.int32)
+  inter, union, target = metrics_lib.batch_counts(scored, label, num_classes=num_classes)
+  return inter, union, target, pred.astype(jnp.uint8)
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -161,12 +169,15 @@ class Evaluator:
     num_workers, read_threads, min_pixels: data-pipeline settings.
     protocol: the ``Protocol`` N and original_label came from (``from_config`` sets it; its
       ``seeds`` are what ``run_protocol`` runs), or None.
+    way: classes per episode (N-way episodes; the model's logits have 1 + way channels).
+    metric: the meter's rule, 'fss' (PFENet/ASGNet) or 'panet' (``metrics.FewShotMeter``).
   """
 
   def __init__(self, model, mesh, dataset_dir: str, *, fold: int, shot: int, image_size: int,
                batch_size: int, num_episodes: int, classes: str = "novel", split: str = "val",
                original_label: bool = False, num_workers: int = 0, read_threads: int = 1,
-               min_pixels: int = 2 * 32 * 32, protocol: Optional[Protocol] = None):
+               min_pixels: int = 2 * 32 * 32, protocol: Optional[Protocol] = None,
+               way: int = 1, metric: str = "fss"):
     self.model = model
     self.mesh = mesh
     self.dataset_dir = dataset_dir
@@ -179,6 +190,10 @@ class Evaluator:
     self.original_label = bool(original_label)
     self.num_workers, self.read_threads, self.min_pixels = num_workers, read_threads, min_pixels
     self.protocol = protocol
+    self.way = int(way)
+    if metric not in metrics_lib.RULES:
+      raise ValueError(f"metric must be one of {metrics_lib.RULES}, got {metric!r}")
+    self.metric = metric
     manifest = schema.load_manifest(dataset_dir)
     from fss_jax.data import episodes  # pylint: disable=g-import-not-at-top
     self.classes = episodes.fold_classes(manifest, self.fold, classes)
@@ -216,10 +231,10 @@ class Evaluator:
         self.dataset_dir, self.fold, self.shot, self.image_size, int(seed), self.local_batch,
         num_episodes, jax.process_index(), jax.process_count(), num_workers,
         split=self.split, original_label=self.original_label, min_pixels=self.min_pixels,
-        read_threads=self.read_threads, classes=self.which)
+        read_threads=self.read_threads, classes=self.which, way=self.way)
     keys = list(self.model.inputs) + (
         ["orig_label", "orig_size"] if self.original_label else ["query_label"])
-    meter = metrics_lib.FewShotMeter(self.classes)
+    meter = metrics_lib.FewShotMeter(self.classes, self.metric)
     rows = []
     bar = logging_lib.ProgressBar(self.num_batches(num_episodes), desc=desc, unit="batch",
                                   enabled=None if progress else False)
@@ -227,10 +242,10 @@ class Evaluator:
     try:
       for batch in batches:
         device_batch = sharding.host_batch_to_global({k: batch[k] for k in keys}, self.mesh)
-        inter, union, pred = episode_scores(self.model, variables, device_batch,
-                                            self.original_label)
-        meter.update_batch(batch["class_id"], _local_rows(inter), _local_rows(union),
-                           batch["valid"])
+        inter, union, target, pred = episode_scores(self.model, variables, device_batch,
+                                                    self.original_label)
+        meter.update_batch(batch["class_ids"], _local_rows(inter), _local_rows(union),
+                           batch["valid"], _local_rows(target))
         if len(rows) < num_rows:
           rows += self._draw(batch, _local_rows(pred), num_rows - len(rows))
         bar.update(1)
@@ -249,12 +264,14 @@ class Evaluator:
     rows = []
     for j in np.flatnonzero(batch["valid"])[:count]:
       label, p = batch["query_label"][j], pred[j].astype(np.int64)
-      fg_pred, fg_true = (p == 1) & (label != 255), label == 1
-      iou = np.sum(fg_pred & fg_true) / max(np.sum(fg_pred | fg_true), 1)
-      c = int(batch["class_id"][j])
+      # foreground IoU (N-way: pooled over the ways, a pixel counting where its way is right)
+      fg_pred, fg_true = (p >= 1) & (label != 255), (label >= 1) & (label != 255)
+      inter = np.sum(fg_pred & fg_true & (p == label))
+      iou = inter / max(np.sum(fg_pred) + np.sum(fg_true) - inter, 1)
+      names = "/".join(str(self.names.get(int(c), int(c))) for c in batch["class_ids"][j])
       rows.append(visualize.episode_row(
           batch["query"][j], label, batch["supp_images"][j], batch["supp_labels"][j], p,
-          title=f"IoU {100 * iou:.0f}% {self.names.get(c, c)}"))
+          title=f"IoU {100 * iou:.0f}% {names}"))
     return rows
 
   def run_seeds(self, variables: Any, seeds: Sequence[int], progress: bool = False,
@@ -337,7 +354,8 @@ def from_config(config, model, mesh, dataset_dir: str, classes: str = "novel",
       batch_size=d.eval_batch_size, num_episodes=protocol.episodes, classes=classes,
       split=d.eval_split, original_label=protocol.original_label,
       num_workers=int(d.num_workers), read_threads=int(d.read_threads),
-      min_pixels=int(d.min_class_pixels), protocol=protocol)
+      min_pixels=int(d.min_class_pixels), protocol=protocol, way=int(d.get("way", 1)),
+      metric=protocol.metric)
 
 
 def load_variables(model, config, *, workdir: Optional[str] = None,

@@ -30,136 +30,224 @@ IGNORE_INDEX = 255
 EPS = 1e-10  # The reference's epsilon in intersection / (union + eps).
 
 
-def episode_stats(pred: np.ndarray, label: np.ndarray,
-                  ignore_index: int = IGNORE_INDEX) -> Tuple[np.ndarray, np.ndarray]:
-  """Background/foreground intersection and union of one episode (numpy, host side).
+def episode_stats(pred: np.ndarray, label: np.ndarray, ignore_index: int = IGNORE_INDEX,
+                  num_classes: int = 2) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-class intersection and union of one episode (numpy, host side).
 
   Args:
-    pred: (H, W) integer prediction in {0, 1}.
-    label: (H, W) integer label in {0, 1, ignore_index}.
+    pred: (H, W) integer prediction in [0, C).
+    label: (H, W) integer label in [0, C) or ignore_index (other values count in no class).
     ignore_index: label value whose pixels are excluded.
+    num_classes: C: 2 (background, foreground) or 1 + N for an N-way episode.
 
   Returns:
-    (inter, union): int64 arrays of shape (2,), index 0 background, 1 foreground.
+    (inter, union): int64 arrays of shape (C,), index 0 background, j the j-th way.
   """
+  inter, union, _ = episode_counts(pred, label, ignore_index, num_classes)
+  return inter, union
+
+
+def episode_counts(pred: np.ndarray, label: np.ndarray, ignore_index: int = IGNORE_INDEX,
+                   num_classes: int = 2) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``episode_stats`` plus the label's pixel count of each class, (C,) int64 each."""
   pred = np.asarray(pred)
   label = np.asarray(label)
   if pred.shape != label.shape:
     raise ValueError(f"episode_stats: pred shape {pred.shape} != label shape {label.shape}.")
   valid = label != ignore_index
-  inter = np.empty(2, np.int64)
-  union = np.empty(2, np.int64)
-  for c in (0, 1):
+  inter = np.empty(num_classes, np.int64)
+  union = np.empty(num_classes, np.int64)
+  target = np.empty(num_classes, np.int64)
+  for c in range(num_classes):
     p = valid & (pred == c)
     t = label == c
     inter[c] = np.count_nonzero(p & t)
-    union[c] = np.count_nonzero(p) + np.count_nonzero(t) - inter[c]
-  return inter, union
+    target[c] = np.count_nonzero(t)
+    union[c] = np.count_nonzero(p) + target[c] - inter[c]
+  return inter, union, target
 
 
-def batch_stats(pred: jax.Array, label: jax.Array,
-                ignore_index: int = IGNORE_INDEX) -> Tuple[jax.Array, jax.Array]:
-  """Per-episode background/foreground intersection and union; jit-friendly.
+def batch_counts(pred: jax.Array, label: jax.Array, ignore_index: int = IGNORE_INDEX,
+                 num_classes: int = 2) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-episode, per-class intersection, union and label pixel count; jit-friendly.
 
   Args:
-    pred: (B, H, W) integer prediction in {0, 1} (e.g. ``argmax(logits, -1)``).
-    label: (B, H, W) integer label in {0, 1, ignore_index}.
+    pred: (B, H, W) integer prediction in [0, C) (e.g. ``argmax(logits, -1)``).
+    label: (B, H, W) integer label in [0, C) or ignore_index.
     ignore_index: label value whose pixels are excluded.
+    num_classes: C (2, or 1 + N for N-way episodes).
 
   Returns:
-    (inter, union): int32 arrays of shape (B, 2), column 0 background, column 1 foreground.
+    (inter, union, target): int32 arrays of shape (B, C), column 0 background.
   """
   if pred.ndim != 3 or pred.shape != label.shape:
     raise ValueError(
         f"batch_stats: expected pred and label of equal shape (B, H, W), got {pred.shape} and "
         f"{label.shape}.")
   valid = label != ignore_index
-  classes = jnp.arange(2, dtype=jnp.int32)
-  p = valid[..., None] & (pred[..., None] == classes)  # (B, H, W, 2)
+  classes = jnp.arange(num_classes, dtype=jnp.int32)
+  p = valid[..., None] & (pred[..., None] == classes)  # (B, H, W, C)
   t = label[..., None] == classes
   inter = jnp.sum(p & t, axis=(1, 2), dtype=jnp.int32)
-  union = (jnp.sum(p, axis=(1, 2), dtype=jnp.int32) + jnp.sum(t, axis=(1, 2), dtype=jnp.int32)
-           - inter)
+  target = jnp.sum(t, axis=(1, 2), dtype=jnp.int32)
+  union = jnp.sum(p, axis=(1, 2), dtype=jnp.int32) + target - inter
+  return inter, union, target
+
+
+def batch_stats(pred: jax.Array, label: jax.Array, ignore_index: int = IGNORE_INDEX,
+                num_classes: int = 2) -> Tuple[jax.Array, jax.Array]:
+  """(inter, union) of ``batch_counts``: (B, C) int32 each."""
+  inter, union, _ = batch_counts(pred, label, ignore_index, num_classes)
   return inter, union
 
 
+RULES = ("fss", "panet")
+
+
 @dataclasses.dataclass
-class _ClassCounts:
+class _Counts:
+  """Summed counts of one class (or of the background).
+
+  episodes: episodes the class was a way of (background: every episode); scored: those whose
+  counts were added (rule 'fss': all; 'panet': those whose label holds the class).
+  """
   episodes: int = 0
-  inter: Tuple[int, int] = (0, 0)
-  union: Tuple[int, int] = (0, 0)
+  scored: int = 0
+  inter: int = 0
+  union: int = 0
+
+  def add(self, inter: int, union: int, scored: bool) -> None:
+    self.episodes += 1
+    if scored:
+      self.scored += 1
+      self.inter += int(inter)
+      self.union += int(union)
+
+  def merge(self, other: "_Counts") -> None:
+    self.episodes += other.episodes
+    self.scored += other.scored
+    self.inter += other.inter
+    self.union += other.union
+
+  def row(self) -> Tuple[int, int, int, int]:
+    return (self.episodes, self.scored, self.inter, self.union)
 
 
 class FewShotMeter:
-  """Accumulates per-episode (class id, intersection, union) and reduces them the reference's way.
+  """Accumulates per-episode (way classes, intersection, union) and reduces them by a rule.
+
+  An episode has N ways (N = 1 but for PANet's N-way episodes): counts are per episode-local
+  index, 0 = background, j = way j's class ``class_ids[j - 1]``; way j's counts add to its
+  class, index 0's to the background.
+
+  Rules:
+    'fss' (PFENet/ASGNet ``tool/test.py``, the module docstring): every episode adds its counts;
+      class IoU = Σ inter / (Σ union + 1e-10), a class without episodes counts 0 in the mean;
+      FB-IoU = mean over {background, pooled foreground} of Σ inter / (Σ union + 1e-10).
+    'panet' (kaixin96/PANet ``util/metric.py``, reference_panet.md §9): an episode adds class j's
+      counts only if its label holds class j (``target`` > 0), background included; class IoU =
+      Σ TP / Σ (TP + FP + FN) = Σ inter / Σ union over those episodes, NaN for a class never
+      scored (and then a NaN mIoU, as ``get_mIoU``'s plain mean); binary IoU = mean of the
+      background IoU and the IoU of the counts pooled over all foreground classes.
 
   Usage:
     meter = FewShotMeter(classes=novel_ids)
-    meter.update_batch(class_ids, inter, union, valid=mask)   # from ``batch_stats``
+    meter.update_batch(class_ids, inter, union, valid=mask, target=target)  # ``batch_counts``
     meter.miou(), meter.fbiou(), meter.per_class(), meter.summary()
   """
 
-  def __init__(self, classes: Optional[Sequence[int]] = None):
-    """Args: classes: default class ids for ``miou``/``per_class`` (e.g. the fold's novel ids)."""
+  def __init__(self, classes: Optional[Sequence[int]] = None, rule: str = "fss"):
+    """Args: classes: default class ids for ``miou``/``per_class`` (e.g. the fold's novel ids);
+    rule: 'fss' or 'panet' (see the class docstring)."""
+    if rule not in RULES:
+      raise ValueError(f"FewShotMeter: rule must be one of {RULES}, got {rule!r}.")
     self.classes = None if classes is None else [int(c) for c in classes]
-    self._counts: Dict[int, _ClassCounts] = {}
+    self.rule = rule
+    self._bg = _Counts()
+    self._counts: Dict[int, _Counts] = {}
 
   # ---- accumulation ----
-  def update(self, class_id: int, inter: Sequence[int], union: Sequence[int]) -> None:
-    """Adds one episode. inter/union: (2,) counts [background, foreground]."""
-    inter = _as_pair(inter, "inter")
-    union = _as_pair(union, "union")
-    c = self._counts.setdefault(int(class_id), _ClassCounts())
-    c.episodes += 1
-    c.inter = (c.inter[0] + inter[0], c.inter[1] + inter[1])
-    c.union = (c.union[0] + union[0], c.union[1] + union[1])
+  def update(self, class_ids: Any, inter: Sequence[int], union: Sequence[int],
+             target: Optional[Sequence[int]] = None) -> None:
+    """Adds one episode.
 
-  def update_batch(self, class_ids: Any, inter: Any, union: Any, valid: Any = None) -> None:
-    """Adds a batch of episodes: class_ids (B,), inter/union (B, 2), valid (B,) bool or None.
+    Args:
+      class_ids: the episode's class (int) or its N way classes.
+      inter, union: (1 + N,) counts [background, way 1, ..., way N].
+      target: (1 + N,) label pixel counts of the same classes (needed by rule 'panet').
+    """
+    class_ids = [int(c) for c in np.asarray(class_ids).reshape(-1)]
+    n = 1 + len(class_ids)
+    inter = _as_counts(inter, n, "inter")
+    union = _as_counts(union, n, "union")
+    if target is None:
+      if self.rule == "panet":
+        raise ValueError("FewShotMeter(rule='panet').update needs target (label pixel counts).")
+      present = [True] * n
+    else:
+      present = [t > 0 or self.rule == "fss" for t in _as_counts(target, n, "target")]
+    self._bg.add(inter[0], union[0], present[0])
+    for j, cid in enumerate(class_ids, start=1):
+      self._counts.setdefault(cid, _Counts()).add(inter[j], union[j], present[j])
+
+  def update_batch(self, class_ids: Any, inter: Any, union: Any, valid: Any = None,
+                   target: Any = None) -> None:
+    """Adds a batch of episodes: class_ids (B,) or (B, N), inter/union/target (B, 1 + N),
+    valid (B,) bool or None.
 
     ``valid`` drops padding episodes (e.g. the last, padded evaluation batch).
     """
-    class_ids = np.asarray(class_ids).reshape(-1)
-    inter = np.asarray(inter).reshape(-1, 2)
-    union = np.asarray(union).reshape(-1, 2)
-    if not inter.shape[0] == union.shape[0] == class_ids.shape[0]:
-      raise ValueError(f"update_batch: batch sizes differ: class_ids {class_ids.shape}, inter "
-                       f"{inter.shape}, union {union.shape}.")
-    valid = (np.ones(class_ids.shape, bool) if valid is None
-             else np.asarray(valid, bool).reshape(-1))
-    for cid, i, u, v in zip(class_ids, inter, union, valid):
+    inter = np.asarray(inter)
+    b = inter.shape[0] if inter.ndim else 0
+    class_ids = np.asarray(class_ids).reshape(b, -1) if b else np.asarray(class_ids)
+    union = np.asarray(union)
+    if not (inter.ndim == 2 and union.shape == inter.shape and class_ids.shape[0] == b
+            and inter.shape[1] == 1 + class_ids.shape[1]):
+      raise ValueError(f"update_batch: shapes differ: class_ids {class_ids.shape}, inter "
+                       f"{inter.shape}, union {union.shape} (want (B, N) and (B, 1 + N)).")
+    valid = np.ones(b, bool) if valid is None else np.asarray(valid, bool).reshape(-1)
+    target = [None] * b if target is None else np.asarray(target)
+    for cid, i, u, t, v in zip(class_ids, inter, union, target, valid):
       if v:
-        self.update(int(cid), i, u)
+        self.update(cid, i, u, t)
 
   def merge(self, other: "FewShotMeter") -> "FewShotMeter":
     """Adds another meter's counts into this one (e.g. from another host); returns self."""
+    if other.rule != self.rule:
+      raise ValueError(f"merge: rules differ ({self.rule!r}, {other.rule!r}).")
+    self._bg.merge(other._bg)  # pylint: disable=protected-access
     for cid, oc in other._counts.items():  # pylint: disable=protected-access
-      c = self._counts.setdefault(cid, _ClassCounts())
-      c.episodes += oc.episodes
-      c.inter = (c.inter[0] + oc.inter[0], c.inter[1] + oc.inter[1])
-      c.union = (c.union[0] + oc.union[0], c.union[1] + oc.union[1])
+      self._counts.setdefault(cid, _Counts()).merge(oc)
     return self
 
   def reset(self) -> None:
+    self._bg = _Counts()
     self._counts = {}
 
   # ---- reductions ----
   @property
   def num_episodes(self) -> int:
-    return sum(c.episodes for c in self._counts.values())
+    return self._bg.episodes
 
   def seen_classes(self):
     return sorted(self._counts)
 
+  def _iou(self, inter: int, union: int, scored: int) -> float:
+    if self.rule == "panet":
+      return inter / union if scored and union else float("nan")
+    return inter / (union + EPS)
+
   def class_iou(self, class_id: int) -> float:
-    """Σ inter_fg / (Σ union_fg + 1e-10) over the episodes of one class (0.0 when none)."""
-    c = self._counts.get(int(class_id), _ClassCounts())
-    return c.inter[1] / (c.union[1] + EPS)
+    """The class's IoU by the meter's rule ('fss': 0.0 when it has no episode; 'panet': NaN
+    when it was never scored)."""
+    c = self._counts.get(int(class_id), _Counts())
+    return self._iou(c.inter, c.union, c.scored)
 
   def miou(self, classes: Optional[Sequence[int]] = None) -> float:
     """Mean class IoU over ``classes`` (default: the meter's classes, else the seen classes).
 
-    Classes without episodes count as 0, as in the reference.
+    Rule 'fss': classes without episodes count as 0, as in the reference; 'panet': a class
+    never scored makes the mean NaN, as PANet's ``get_mIoU``.
     """
     classes = self._resolve(classes)
     if not classes:
@@ -167,18 +255,22 @@ class FewShotMeter:
     return float(np.mean([self.class_iou(c) for c in classes]))
 
   def fbiou(self) -> float:
-    """Mean over {background, foreground} of global Σ inter / (Σ union + 1e-10)."""
-    inter = [sum(c.inter[k] for c in self._counts.values()) for k in (0, 1)]
-    union = [sum(c.union[k] for c in self._counts.values()) for k in (0, 1)]
-    return float(np.mean([inter[k] / (union[k] + EPS) for k in (0, 1)]))
+    """Mean over {background, pooled foreground} of Σ inter / Σ union (the rule's form)."""
+    fg = _Counts()
+    for c in self._counts.values():
+      fg.merge(c)
+    return float(np.mean([self._iou(x.inter, x.union, x.scored) for x in (self._bg, fg)]))
 
   def per_class(self, classes: Optional[Sequence[int]] = None) -> Dict[int, Dict[str, float]]:
-    """{class_id: {'iou', 'episodes', 'inter', 'union'}} (foreground counts)."""
+    """{class_id: {'iou', 'episodes', 'inter', 'union'}} (foreground counts; rule 'panet'
+    adds 'scored', the episodes whose label held the class)."""
     out = {}
     for cid in self._resolve(classes):
-      c = self._counts.get(cid, _ClassCounts())
+      c = self._counts.get(cid, _Counts())
       out[cid] = {"iou": self.class_iou(cid), "episodes": c.episodes,
-                  "inter": c.inter[1], "union": c.union[1]}
+                  "inter": c.inter, "union": c.union}
+      if self.rule == "panet":
+        out[cid]["scored"] = c.scored
     return out
 
   def summary(self, classes: Optional[Sequence[int]] = None, prefix: str = "") -> Dict[str, float]:
@@ -196,46 +288,52 @@ class FewShotMeter:
     for cid, row in self.per_class(classes).items():
       name = (names or {}).get(cid, "")
       lines.append(f"{cid:>6} {name:<24} {row['episodes']:>8} {100 * row['iou']:>7.2f}")
-    lines.append(f"mIoU {100 * self.miou(classes):.2f}  FB-IoU {100 * self.fbiou():.2f}  "
+    fb = "binary IoU" if self.rule == "panet" else "FB-IoU"
+    lines.append(f"mIoU {100 * self.miou(classes):.2f}  {fb} {100 * self.fbiou():.2f}  "
                  f"({self.num_episodes} episodes)")
     return "\n".join(lines)
 
   # ---- (de)serialisation ----
   def state_dict(self) -> Dict[str, Any]:
     """JSON-serialisable state."""
-    return {"classes": self.classes,
-            "counts": {str(k): {"episodes": c.episodes, "inter": list(c.inter),
-                                "union": list(c.union)}
-                       for k, c in sorted(self._counts.items())}}
+    row = lambda c: {"episodes": c.episodes, "scored": c.scored, "inter": c.inter,
+                     "union": c.union}
+    return {"classes": self.classes, "rule": self.rule, "background": row(self._bg),
+            "counts": {str(k): row(c) for k, c in sorted(self._counts.items())}}
 
   @classmethod
   def from_state_dict(cls, state: Mapping[str, Any]) -> "FewShotMeter":
     try:
-      meter = cls(state.get("classes"))
+      meter = cls(state.get("classes"), state.get("rule", "fss"))
+      read = lambda c: _Counts(*_as_counts(
+          [c["episodes"], c["scored"], c["inter"], c["union"]], 4, "counts"))
+      meter._bg = read(state["background"])  # pylint: disable=protected-access
       for k, c in state["counts"].items():
-        meter._counts[int(k)] = _ClassCounts(  # pylint: disable=protected-access
-            int(c["episodes"]), _as_pair(c["inter"], "inter"), _as_pair(c["union"], "union"))
+        meter._counts[int(k)] = read(c)  # pylint: disable=protected-access
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"FewShotMeter.from_state_dict: malformed state ({e!r}).") from e
     return meter
 
   def to_dense(self, max_class_id: int) -> np.ndarray:
-    """(max_class_id + 1, 5) int64 rows [episodes, inter_bg, inter_fg, union_bg, union_fg]."""
-    dense = np.zeros((max_class_id + 1, 5), np.int64)
+    """(max_class_id + 1, 4) int64 rows [episodes, scored, inter, union]; row 0 is the
+    background, row c class c."""
+    dense = np.zeros((max_class_id + 1, 4), np.int64)
+    dense[0] = self._bg.row()
     for cid, c in self._counts.items():
-      if cid > max_class_id:
-        raise ValueError(f"to_dense: class id {cid} > max_class_id {max_class_id}.")
-      dense[cid] = (c.episodes, *c.inter, *c.union)
+      if not 0 < cid <= max_class_id:
+        raise ValueError(f"to_dense: class id {cid} not in 1..max_class_id {max_class_id}.")
+      dense[cid] = c.row()
     return dense
 
   @classmethod
-  def from_dense(cls, dense: np.ndarray,
-                 classes: Optional[Sequence[int]] = None) -> "FewShotMeter":
-    meter = cls(classes)
-    for cid, row in enumerate(np.asarray(dense, np.int64)):
+  def from_dense(cls, dense: np.ndarray, classes: Optional[Sequence[int]] = None,
+                 rule: str = "fss") -> "FewShotMeter":
+    meter = cls(classes, rule)
+    dense = np.asarray(dense, np.int64)
+    meter._bg = _Counts(*(int(x) for x in dense[0]))  # pylint: disable=protected-access
+    for cid, row in enumerate(dense[1:], start=1):
       if row[0]:
-        meter._counts[cid] = _ClassCounts(  # pylint: disable=protected-access
-            int(row[0]), (int(row[1]), int(row[2])), (int(row[3]), int(row[4])))
+        meter._counts[cid] = _Counts(*(int(x) for x in row))  # pylint: disable=protected-access
     return meter
 
   def _resolve(self, classes):
@@ -259,7 +357,7 @@ def gather_meter(meter: FewShotMeter) -> FewShotMeter:
   hi, lo = split_int64(meter.to_dense(max_id))
   hi = np.asarray(multihost_utils.process_allgather(hi)).astype(np.int64).sum(0)
   lo = np.asarray(multihost_utils.process_allgather(lo)).astype(np.int64).sum(0)
-  return FewShotMeter.from_dense(join_int64(hi, lo), meter.classes)
+  return FewShotMeter.from_dense(join_int64(hi, lo), meter.classes, meter.rule)
 
 
 def split_int64(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -299,11 +397,11 @@ def mean_std(results: Sequence[Any], ddof: int = 0) -> Any:
   return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
 
 
-def _as_pair(x: Iterable[Any], what: str) -> Tuple[int, int]:
+def _as_counts(x: Iterable[Any], n: int, what: str) -> Tuple[int, ...]:
   x = np.asarray(x).reshape(-1)
-  if x.shape != (2,):
-    raise ValueError(f"{what} must have 2 entries [background, foreground], got shape {x.shape}.")
+  if x.shape != (n,):
+    raise ValueError(f"{what} must have {n} entries [background, way 1, ...], got shape "
+                     f"{x.shape}.")
   if not np.all(np.isfinite(x)) or np.any(x < 0) or np.any(x != np.round(x)):
     raise ValueError(f"{what} must be non-negative integer counts, got {x.tolist()}.")
-  return int(x[0]), int(x[1])
-
+  return tuple(int(v) for v in x)

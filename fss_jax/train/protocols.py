@@ -99,17 +99,20 @@ class Protocol:
     seeds: one run per seed (several: mean ± std).
     original_label: score against the original-size labels (else at ``data.image_size``).
     note: one line on where the numbers come from.
+    metric: how episodes are reduced (``metrics.FewShotMeter`` rules): 'fss' (PFENet/ASGNet:
+      every episode counts) or 'panet' (a class counts only in episodes whose label holds it).
   """
   name: str
   episodes: int
   seeds: tuple[int, ...]
   original_label: bool
   note: str = ""
+  metric: str = "fss"
 
   def header(self) -> dict[str, Any]:
     """The entries written at the top of ``final_metrics.json`` / ``evaluate.py --output``."""
     return {"protocol": self.name, "episodes": self.episodes, "seeds": list(self.seeds),
-            "original_label": self.original_label}
+            "original_label": self.original_label, "metric": self.metric}
 
   def describe(self) -> str:
     """'protocol bam: 1000 episodes x 5 seeds [510, ...], original labels'."""
