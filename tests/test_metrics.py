@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fss_jax.train import metrics
+from tests import panet_metric_ref
 
 # ---- independent oracle: direct numpy transcription of the reference's evaluation ----
 
@@ -189,6 +190,10 @@ def test_bad_inputs():
   meter = metrics.FewShotMeter()
   with pytest.raises(ValueError, match="inter must have 2 entries"):
     meter.update(1, [1, 2, 3], [1, 2])
+  with pytest.raises(ValueError, match="needs target"):
+    metrics.FewShotMeter(rule="panet").update(1, [1, 2], [1, 2])
+  with pytest.raises(ValueError, match="rule must be"):
+    metrics.FewShotMeter(rule="oslsm")
   with pytest.raises(ValueError, match="non-negative integer"):
     meter.update(1, [1, -2], [1, 2])
   with pytest.raises(ValueError, match="shape"):
@@ -209,3 +214,96 @@ def test_mean_std():
     metrics.mean_std([{"miou": 0.5}, {"fbiou": 0.5}])
   with pytest.raises(ValueError, match="no results"):
     metrics.mean_std([])
+
+
+# ---- N-way episodes and PANet's rule (util/metric.py; oracle: tests/panet_metric_ref.py) ----
+
+# Hand-built 2-way episodes (class ids in way order, pred, label; 0 bg, j = way j, 255 void).
+_NWAY = [
+    # classes 3 and 5 both in the label.
+    ((3, 5), np.array([[1, 1, 0], [2, 0, 2]]), np.array([[1, 0, 0], [2, 255, 2]])),
+    # class 6 absent from the label: a false positive of way 2 is not counted under 'panet'.
+    ((5, 6), np.array([[1, 2, 2], [0, 0, 1]]), np.array([[1, 0, 0], [0, 0, 1]])),
+    # only void and way 1: the background is absent from the label.
+    ((6, 3), np.array([[1, 0], [1, 1]]), np.array([[1, 1], [255, 1]])),
+]
+
+
+def test_panet_rule_hand_computed():
+  """Counts worked out by hand, per class, for the episodes above."""
+  meter = metrics.FewShotMeter([3, 5, 6, 7], rule="panet")
+  fss = metrics.FewShotMeter([3, 5, 6, 7])
+  for cids, pred, label in _NWAY:
+    inter, union, target = metrics.episode_counts(pred, label, num_classes=3)
+    meter.update(cids, inter, union, target)
+    fss.update(cids, inter, union)
+  # class 3: ep 1 way 1 (TP 1, FP 1, FN 0) + ep 3 way 2 (absent from the label: skipped).
+  assert meter.per_class([3])[3] == {"iou": 0.5, "episodes": 2, "inter": 1, "union": 2,
+                                     "scored": 1}
+  # class 5: ep 1 way 2 (TP 2, FP 0, FN 0) + ep 2 way 1 (TP 2, FP 0, FN 0): 4 / 4.
+  assert meter.class_iou(5) == 1.0
+  # class 6: ep 2 way 2 absent (FP 2 ignored) + ep 3 way 1 (pred {(0,0),(1,1)}, label
+  # {(0,0),(0,1),(1,1)}: TP 2, FP 0, FN 1): 2 / 3.
+  assert meter.class_iou(6) == pytest.approx(2 / 3)
+  assert np.isnan(meter.class_iou(7)) and np.isnan(meter.miou())  # never scored: NaN mean
+  assert meter.miou([3, 5, 6]) == pytest.approx((0.5 + 1 + 2 / 3) / 3)
+  # background: ep 1 (pred {(0,2),(1,1)->void dropped}: TP 1, FP 0, FN 1), ep 2 (TP 2, FP 0,
+  # FN 2), ep 3 absent. Pooled fg: TP 1+2+2+2 = 7, FP 1+0+0 = 1, FN 1.
+  assert meter.fbiou() == pytest.approx((3 / 6 + 7 / 9) / 2)
+  # The 'fss' rule counts the absent class 6's false positives (union 2 in ep 2) and ep 3's
+  # background (union 1: one predicted background pixel, no label background).
+  assert fss.per_class([6])[6] == {"iou": pytest.approx(2 / 5), "episodes": 2, "inter": 2,
+                                   "union": 5}
+  assert "binary IoU" in meter.format_table()
+
+
+@pytest.mark.parametrize("way", [1, 2, 3])
+def test_panet_rule_matches_the_official_metric_transcription(way):
+  """Random N-way episodes in 2 runs, classes often absent from the label: per run, the class
+  IoUs, mIoU and binary IoU equal ``Metric``'s (set-based counting) to 1e-12."""
+  rng = np.random.default_rng(way)
+  novel = [6, 7, 8, 9, 10]
+  oracle = panet_metric_ref.Metric(max_label=20, n_runs=2)
+  for run in range(2):
+    meter = metrics.FewShotMeter(novel, rule="panet")
+    batch_pred, batch_label, batch_cids = [], [], []
+    for _ in range(30):
+      cids = [int(c) for c in rng.choice(novel, size=way, replace=False)]
+      # each way's class present with probability 0.6, background with 0.8
+      present = [rng.random() < 0.8] + [rng.random() < 0.6 for _ in range(way)]
+      values = [v for v, p in zip(range(way + 1), present) if p] + [255]
+      label = rng.choice(values, size=(7, 9))
+      pred = rng.integers(0, way + 1, size=(7, 9))
+      oracle.record(pred, label, cids, run)
+      batch_pred.append(pred), batch_label.append(label), batch_cids.append(cids)
+    inter, union, target = jax.jit(metrics.batch_counts, static_argnums=(2, 3))(
+        np.stack(batch_pred), np.stack(batch_label).astype(np.uint8), 255, way + 1)
+    meter.update_batch(np.array(batch_cids), inter, union, target=target)
+    class_iou, miou = oracle.get_miou(novel, run)
+    np.testing.assert_allclose([meter.class_iou(c) for c in novel], class_iou, rtol=1e-12)
+    assert (np.isnan(miou) and np.isnan(meter.miou())) or meter.miou() == pytest.approx(
+        miou, rel=1e-12)
+    _, binary = oracle.get_miou_binary(run)
+    assert meter.fbiou() == pytest.approx(binary, rel=1e-12)
+    # the dense form (multi-process gather) keeps the rule and the counts
+    dense = metrics.FewShotMeter.from_dense(meter.to_dense(10), novel, "panet")
+    assert dense.state_dict() == meter.state_dict()
+
+
+def test_nway_fss_rule_is_the_sum_of_one_way_scores():
+  """Under the 'fss' rule an N-way episode adds each way's counts to its class exactly as N
+  one-way episodes scored on 'way j vs. everything else' would, and its background once."""
+  rng = np.random.default_rng(5)
+  meter = metrics.FewShotMeter([1, 2, 3])
+  for _ in range(10):
+    cids = rng.choice([1, 2, 3], size=2, replace=False)
+    label = rng.choice([0, 1, 2, 255], size=(6, 6))
+    pred = rng.integers(0, 3, size=(6, 6))
+    inter, union = metrics.episode_stats(pred, label, num_classes=3)
+    meter.update(cids, inter, union)
+    for j, c in enumerate(cids, start=1):
+      i1, u1 = metrics.episode_stats((pred == j).astype(int),
+                                     np.where(label == 255, 255, label == j))
+      assert (i1[1], u1[1]) == (inter[j], union[j])
+  assert meter.num_episodes == 10
+  assert sum(meter.per_class()[c]["episodes"] for c in (1, 2, 3)) == 20
