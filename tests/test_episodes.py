@@ -169,3 +169,74 @@ def test_eval_classes_without_supports_are_not_drawn(caplog):
   assert [e.query for e in eps[:3]] == [0, 1, 2]
   with pytest.raises(ValueError, match="no image"):
     E.eval_episodes(_images([{4: BIG}, {1: BIG}]), [4], 1, 3, seed=0)
+
+
+# ----------------------------------------------------------------------------- N-way
+
+
+def _check_nway(ep, table, way, shot, classes):
+  assert ep.way == way and ep.shot == shot and len(ep.supports) == way * shot
+  assert len(set(ep.class_ids)) == way and set(ep.class_ids) <= set(classes)
+  assert ep.class_id == ep.class_ids[0]
+  assert table[ep.query].get(ep.class_ids[ep.query_way], 0) > 0  # the query's own class
+  for w, c in enumerate(ep.class_ids):
+    shots = ep.supports[w * shot:(w + 1) * shot]  # way-major
+    assert len(set(shots)) == shot and ep.query not in shots
+    for s in shots:
+      assert table[s].get(c, 0) >= BIG
+
+
+@pytest.mark.parametrize("way,shot", [(2, 1), (3, 2)])
+def test_nway_train_episodes(way, shot):
+  """Distinct classes, the query's class at a uniform way position, K eligible supports of
+  each way's class (query excluded), way-major; the other classes uniform over the base
+  classes; deterministic in the generator."""
+  table = _random_table(300, num_classes=8, seed=way)
+  base = [1, 2, 3, 4, 5, 6]
+  sampler = E.train_episode_sampler(_images(table), base, shot, way=way)
+  positions, others = collections.Counter(), collections.Counter()
+  for pos in range(200):
+    ep = sampler.sample(pos, np.random.default_rng([9, pos]))
+    _check_nway(ep, table, way, shot, base)
+    assert ep.class_ids[ep.query_way] in sampler.query_classes[pos % len(sampler)]
+    assert ep == sampler.sample(pos, np.random.default_rng([9, pos]))
+    positions[ep.query_way] += 1
+    others.update(c for w, c in enumerate(ep.class_ids) if w != ep.query_way)
+  assert set(positions) == set(range(way))
+  assert min(positions.values()) > 200 / way * 0.6
+  assert set(others) == set(base)
+
+
+def test_nway_one_way_draws_are_unchanged():
+  """way=1 spends the generator exactly as before: the same episodes as a 1-way sampler."""
+  table = _random_table(80, seed=4)
+  a = E.train_episode_sampler(_images(table), [1, 2, 3, 4, 5], 2)
+  b = E.train_episode_sampler(_images(table), [1, 2, 3, 4, 5], 2, way=1)
+  for pos in range(30):
+    ea, eb = (s.sample(pos, np.random.default_rng([1, pos])) for s in (a, b))
+    assert ea == eb and ea.class_ids == (ea.class_id,) and ea.query_way == 0
+
+
+@pytest.mark.parametrize("way,shot", [(2, 1), (2, 5)])
+def test_nway_eval_episodes(way, shot):
+  table = _random_table(400, num_classes=10, seed=7)
+  novel = [6, 7, 8, 9, 10]
+  eps = E.eval_episodes(_images(table), novel, shot, 60, seed=3, way=way)
+  assert len(eps) == 60
+  for ep in eps:
+    _check_nway(ep, table, way, shot, novel)
+  one_way = E.eval_episodes(_images(table), novel, shot, 60, seed=3)
+  # the query walk is the same; the query's class is drawn first, as in 1-way
+  assert [e.query for e in eps] == [e.query for e in one_way]
+  assert [e.class_ids[e.query_way] for e in eps] == [e.class_id for e in one_way]
+  assert eps == E.eval_episodes(_images(table), novel, shot, 60, seed=3, way=way)
+
+
+def test_nway_needs_enough_classes():
+  table = _random_table(60, num_classes=3, seed=1)
+  with pytest.raises(ValueError, match="4-way episodes need 4 base classes"):
+    E.train_episode_sampler(_images(table), [1, 2, 3], 1, way=4)
+  with pytest.raises(ValueError, match="needs 3 other classes"):
+    E.eval_episodes(_images(table), [1, 2, 3], 1, 5, seed=0, way=4)
+  with pytest.raises(ValueError, match="way must be >= 1"):
+    E.eval_episodes(_images(table), [1, 2, 3], 1, 5, seed=0, way=0)
