@@ -109,6 +109,10 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
   # N-way episodes (PANet): N distinct classes per episode, K shots each; supports way-major
   # (fss_jax/data/pipeline.py). 1 for every model but PANet.
   c.data.way = 1
+  # 'fss': PFENet/ASGNet's augmentation (scale, rotate, blur, flip, crop) and aspect-keeping
+  # evaluation resize; 'panet': PANet's (resize to image_size x image_size, flip; evaluation
+  # resize without padding). fss_jax/data/transforms.py.
+  c.data.transform = "fss"
   c.data.eval_shot = 0                 # > 0: evaluation shots (PFENet: 1-shot model at 5 shots)
   c.data.image_size = 473              # 8k+1; train crop and evaluation canvas
   c.data.train_batch_size = 4          # global (over all processes)

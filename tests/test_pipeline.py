@@ -1,6 +1,7 @@
 """Grain episode pipelines on a tiny generated synthetic dataset."""
 import collections
 
+import cv2
 import numpy as np
 import pytest
 
@@ -225,3 +226,101 @@ def test_eval_two_processes_cover_each_episode_once(dataset_dir):
       seen.update(int(i) for i, v in zip(b["index"], b["valid"]) if v)
   assert counts == [2, 2]
   assert seen == collections.Counter(range(7))
+
+
+# ----------------------------------------------------------------------------- N-way
+
+
+def _nearest(x, size):
+  """Pillow's nearest resize to size x size (source floor((dst + 0.5) * in / out))."""
+  from fractions import Fraction  # exact: (dst + 0.5) * in / out can be an integer
+  h, w = x.shape
+  rows = [min(int((d + Fraction(1, 2)) * h / size), h - 1) for d in range(size)]
+  cols = [min(int((d + Fraction(1, 2)) * w / size), w - 1) for d in range(size)]
+  return x[rows][:, cols]
+
+
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
+def test_nway_eval_batch_follows_panet_masks(dataset_dir, resize):
+  """2-way 2-shot evaluation batches: supports way-major; each support's label read as
+  PANet's getMask (fg = its way's class; bg = every other pixel except the episode's other
+  classes, void included) and the query's as its fewShot target (class_ids[j] -> j + 1, 255
+  kept, else 0), both computed here from the raw labels."""
+  manifest = schema.load_manifest(dataset_dir)
+  eps = episodes.eval_episode_list(manifest, "val", 0, 2, 6, 5, MIN_PIXELS, way=2)
+  batches = list(P.eval_dataset(dataset_dir, fold=0, shot=2, image_size=SIZE, seed=5,
+                                batch_size=3, num_episodes=6, min_pixels=MIN_PIXELS, way=2,
+                                resize=resize))
+  reader = manifest.source("val").reader
+  b = batches[0]
+  assert b["supp_images"].shape == (3, 4, SIZE, SIZE, 3)
+  assert b["supp_labels"].shape == (3, 4, SIZE, SIZE) and b["class_ids"].shape == (3, 2)
+  for j in range(3):
+    ep = eps[j]
+    assert b["class_ids"][j].tolist() == list(ep.class_ids)
+    assert b["supp_records"][j].tolist() == list(ep.supports)
+    _, raw = P.decode_record(reader[ep.query])
+    want = np.zeros(raw.shape, np.uint8)
+    want[raw == 255] = 255
+    for w, c in enumerate(ep.class_ids):
+      want[raw == c] = w + 1
+    if resize == "stretch":
+      np.testing.assert_array_equal(b["query_label"][j], _nearest(want, SIZE))
+    for k, record in enumerate(ep.supports):
+      _, raw = P.decode_record(reader[record])
+      c = ep.class_ids[k // 2]
+      fg = raw == c
+      bg = (raw != c) & ~np.isin(raw, ep.class_ids)
+      got = b["supp_labels"][j, k]
+      if resize == "stretch":
+        fg, bg = _nearest(fg, SIZE), _nearest(bg, SIZE)
+        np.testing.assert_array_equal(got == 1, fg)
+        np.testing.assert_array_equal((got == 0) | (got == 255), bg)
+      assert fg.any() and set(np.unique(got)) <= {0, 1, transforms.NEITHER, 255}
+      # pad: the same classes, on the aspect-keeping canvas (255 padding outside the image)
+      assert (got == 1).any()
+
+
+def test_nway_train_batches_panet_transform(dataset_dir):
+  """2-way training batches with PANet's resize + flip: deterministic, labels in their value
+  sets, the query holding its own way's class, supports of their way's class."""
+  aug = transforms.TrainAugConfig(mode="resize_flip")
+  a = _take(iter(_train(dataset_dir, shot=2, way=2, aug=aug)), 2)
+  b = _take(iter(_train(dataset_dir, shot=2, way=2, aug=aug)), 2)
+  _assert_batches_equal(a, b)
+  manifest = schema.load_manifest(dataset_dir)
+  sampler = episodes.train_sampler_for_fold(manifest, "train", 0, 2, MIN_PIXELS, way=2)
+  for batch in a:
+    assert batch["supp_images"].shape == (4, 4, SIZE, SIZE, 3)
+    assert set(np.unique(batch["query_label"])) <= {0, 1, 2, 255}
+    for j in range(4):
+      entry = int(np.searchsorted(sampler.queries, batch["query_record"][j]))
+      ep = sampler.sample(entry, np.random.default_rng([7, int(batch["index"][j])]))
+      assert batch["class_ids"][j].tolist() == list(ep.class_ids)
+      assert (batch["query_label"][j] == ep.query_way + 1).any()
+      for k in range(4):
+        assert (batch["supp_labels"][j, k] == 1).any()
+        assert set(np.unique(batch["supp_labels"][j, k])) <= {0, 1, transforms.NEITHER, 255}
+
+
+def test_stretch_resize_and_flip():
+  """eval_stretch: Pillow's nearest for labels and OpenCV bilinear for the image; the flip
+  mirrors both, drawn from one rng.random()."""
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (30, 60, 3)).astype(np.uint8)
+  label = rng.integers(0, 4, (30, 60)).astype(np.uint8)
+  for n_in in (60, 97, 30):  # 60 -> 65 has exact ties (x = 6: 6.5 * 60 / 65 = 6)
+    np.testing.assert_array_equal(_nearest(np.arange(n_in)[None], 65)[0],
+                                  transforms.nearest_indices(n_in, 65))
+  img, lab = transforms.eval_stretch(image, label, 17)
+  np.testing.assert_array_equal(lab, _nearest(label, 17))
+  np.testing.assert_allclose(
+      img, transforms.normalize(cv2.resize(image.astype(np.float32), (17, 17))), atol=1e-5)
+  cfg = transforms.TrainAugConfig(size=17, mode="resize_flip")
+  for seed in range(4):
+    flip = np.random.default_rng(seed).random() < 0.5
+    i2, l2 = transforms.train_transform(image, label, np.random.default_rng(seed), cfg)
+    np.testing.assert_array_equal(l2, lab[:, ::-1] if flip else lab)
+    np.testing.assert_array_equal(i2, img[:, ::-1] if flip else img)
+  with pytest.raises(ValueError, match="original-size labels"):
+    P.eval_dataset("unused", 0, 1, 17, 0, 1, 1, original_label=True, resize="stretch")

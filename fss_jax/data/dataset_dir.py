@@ -78,11 +78,25 @@ def _generate(path: str, settings: dict) -> None:
 
 def train_aug(config) -> transforms.TrainAugConfig:
   """The training augmentation of ``config.data`` (``data.train_resize_longer``: see
-  ``transforms.TrainAugConfig.resize_longer``; absent in older configs = 0, off)."""
+  ``transforms.TrainAugConfig.resize_longer``; absent in older configs = 0, off;
+  ``data.transform`` 'panet': PANet's resize + flip)."""
   d = config.data
   return transforms.TrainAugConfig(size=int(d.image_size), scale=tuple(d.scale),
                                    rotate=tuple(d.rotate),
-                                   resize_longer=int(d.get("train_resize_longer", 0) or 0))
+                                   resize_longer=int(d.get("train_resize_longer", 0) or 0),
+                                   mode=TRANSFORMS[d.get("transform", "fss")][0])
+
+
+# data.transform -> (training TrainAugConfig.mode, evaluation resize of pipeline.eval_dataset)
+TRANSFORMS = {"fss": ("fss", "pad"), "panet": ("resize_flip", "stretch")}
+
+
+def eval_resize_mode(config) -> str:
+  """``pipeline.eval_dataset``'s ``resize`` for ``config.data.transform``."""
+  name = config.data.get("transform", "fss")
+  if name not in TRANSFORMS:
+    raise ValueError(f"config.data.transform = {name!r}: must be one of {sorted(TRANSFORMS)}.")
+  return TRANSFORMS[name][1]
 
 
 # Typical image side vs data.image_size beyond which scale_warning speaks.

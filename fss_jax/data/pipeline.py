@@ -345,6 +345,7 @@ class EvalBatchFn:
   process_count: int
   orig_label_size: int | None
   way: int = 1
+  resize: str = "pad"
   recycler: shm_slots.ArrayRecycler = _recycler_field()
 
   def __call__(self, slots: list[int]) -> dict[str, np.ndarray]:
@@ -376,7 +377,8 @@ class EvalBatchFn:
     both into the batch slots; returns the episode-local label at the original size."""
     image, label = load_record(self.reader, record_index)
     label = label_fn(label, class_ids)
-    transforms.eval_resize(image, label, self.image_size, out=(out_image, out_label))
+    resize = transforms.eval_stretch if self.resize == "stretch" else transforms.eval_resize
+    resize(image, label, self.image_size, out=(out_image, out_label))
     return label
 
 
@@ -393,7 +395,7 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
                  original_label: bool = False, orig_label_size: int | None = None,
                  min_pixels: int = episodes_lib.MIN_CLASS_PIXELS,
                  read_threads: int = 1, classes: str = "novel",
-                 way: int = 1) -> grain.IterDataset:
+                 way: int = 1, resize: str = "pad") -> grain.IterDataset:
   """Finite stream of evaluation batches over exactly `num_episodes` episodes.
 
   Episode i (of `episodes.eval_episodes(..., seed)`) goes to process i % process_count.
@@ -409,9 +411,16 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
     orig_label_size: side M of orig_label; default: the largest side in the split.
     classes: 'novel' (the protocol) or 'base' (held-out base-class episodes of the split).
     way: classes per episode (N-way episodes, `episodes.py`).
+    resize: 'pad' (`transforms.eval_resize`: aspect kept, 255 padding; PFENet/ASGNet) or
+      'stretch' (`transforms.eval_stretch`: S x S, PANet); original labels need 'pad'.
   """
   _check_process(process_index, process_count)
   transforms.check_size(image_size)
+  if resize not in ("pad", "stretch"):
+    raise ValueError(f"resize must be 'pad' or 'stretch', got {resize!r}")
+  if resize == "stretch" and original_label:
+    raise ValueError("original-size labels are scored with the 'pad' resize only (the "
+                     "evaluator undoes an aspect-keeping resize); PANet scores resized labels")
   manifest = schema.load_manifest(dataset_dir)
   eps = episodes_lib.eval_episode_list(manifest, split, fold, shot, num_episodes, seed,
                                        min_pixels, which=classes, way=way)
@@ -422,7 +431,7 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
                                   for im in manifest.images(split))
   slots = eval_batches_per_process(num_episodes, batch_size, process_count) * batch_size
   fn = EvalBatchFn(tuple(eps), reader, int(shot), image_size, process_index, process_count,
-                   size, int(way))
+                   size, int(way), resize)
   ds = grain.MapDataset.range(slots).batch(int(batch_size), batch_fn=_as_list).map(fn)
   return _prefetch(ds, num_workers, read_threads)
 

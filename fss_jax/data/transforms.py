@@ -15,6 +15,14 @@ comes from a passed `np.random.Generator`, drawn in this fixed order (per image)
                                re-drawn (same two calls) up to `crop_redraws` times while
                                the crop keeps < crop_keep of the class pixels.
 
+`TrainAugConfig.mode = 'resize_flip'` is PANet's instead (reference_panet.md §2): the image is
+resized to S x S without keeping its aspect (image bilinear, label nearest), then flipped
+left-right when rng.random() < flip_p (one draw). Its evaluation counterpart is
+`eval_stretch`. (PANet resizes with Pillow, whose bilinear filter antialiases when shrinking;
+OpenCV's does not, so shrunk images differ slightly. Labels take Pillow's nearest source pixel
+floor((dst + 0.5) * in / out), computed here in exact integer arithmetic (`nearest_indices`);
+OpenCV's INTER_NEAREST_EXACT differs from it at some exact ties.)
+
 The reference draws the rotation angle before its coin and allows one more crop redraw
 than documented (its loop test is `<= 30`); neither changes the distribution of the
 result beyond that one redraw, and fss_jax follows the documented 30.
@@ -59,6 +67,11 @@ class TrainAugConfig:
   # resolution, which only matches evaluation (whole image resized to `size`) when images
   # are about `size` on their longer side, as PASCAL/COCO at 473. No random numbers drawn.
   resize_longer: int = 0
+  # 'fss': the augmentation above (PFENet/ASGNet); 'resize_flip': PANet's (module docstring).
+  mode: str = "fss"
+
+
+TRAIN_MODES = ("fss", "resize_flip")
 
 
 def check_size(size: int) -> int:
@@ -337,6 +350,10 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
     image float32 (S, S, 3) normalised, label (S, S) with label's values (uint8 unless
     `out`), padding 255.
   """
+  if config.mode == "resize_flip":
+    return _resize_flip(image, label, rng, config, out)
+  if config.mode != "fss":
+    raise ValueError(f"TrainAugConfig.mode must be one of {TRAIN_MODES}, got {config.mode!r}")
   scratch = _THREAD_SCRATCH.scratch
   image = np.asarray(image)
   if image.dtype != np.float32:
@@ -362,7 +379,39 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
   return out_img, out_lab
 
 
+def _resize_flip(image, label, rng, config: TrainAugConfig, out=None):
+  """PANet's training transform: `eval_stretch`, then a left-right flip with p = flip_p."""
+  out_img, out_lab = eval_stretch(image, label, config.size, out)
+  if rng.random() < config.flip_p:
+    out_img[:] = out_img[:, ::-1].copy()
+    out_lab[:] = out_lab[:, ::-1].copy()
+  return out_img, out_lab
+
+
 # ----------------------------------------------------------------------------- evaluation
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+  """Source index of each output pixel of a nearest resize, Pillow's rule
+  floor((dst + 0.5) * n_in / n_out) in exact integer arithmetic: (n_out,) int64."""
+  dst = np.arange(n_out, dtype=np.int64)
+  return np.minimum((2 * dst + 1) * n_in // (2 * n_out), n_in - 1)
+
+
+def eval_stretch(image: np.ndarray, label: np.ndarray, size: int = 417, out=None):
+  """PANet's resize: image and label to size x size, aspect not kept (image bilinear, label
+  nearest by `nearest_indices`). No padding.
+
+  Returns:
+    image float32 (size, size, 3) normalised; label (size, size) with label's values.
+  """
+  image = np.asarray(image, np.float32)
+  out_img, out_lab = _outputs(size, out)
+  normalize(cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR), out=out_img)
+  h, w = label.shape
+  out_lab[:] = label[nearest_indices(h, size)][:, nearest_indices(w, size)]
+  return out_img, out_lab
+
 
 
 def eval_hw(height: int, width: int, size: int) -> tuple[int, int]:

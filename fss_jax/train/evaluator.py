@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fss_jax import weights
+from fss_jax.data import dataset_dir as dataset_dir_lib
 from fss_jax.data import pipeline
 from fss_jax.data import schema
 from fss_jax.train import logging as logging_lib
@@ -171,13 +172,14 @@ class Evaluator:
       ``seeds`` are what ``run_protocol`` runs), or None.
     way: classes per episode (N-way episodes; the model's logits have 1 + way channels).
     metric: the meter's rule, 'fss' (PFENet/ASGNet) or 'panet' (``metrics.FewShotMeter``).
+    resize: the evaluation resize, 'pad' or 'stretch' (``pipeline.eval_dataset``).
   """
 
   def __init__(self, model, mesh, dataset_dir: str, *, fold: int, shot: int, image_size: int,
                batch_size: int, num_episodes: int, classes: str = "novel", split: str = "val",
                original_label: bool = False, num_workers: int = 0, read_threads: int = 1,
                min_pixels: int = 2 * 32 * 32, protocol: Optional[Protocol] = None,
-               way: int = 1, metric: str = "fss"):
+               way: int = 1, metric: str = "fss", resize: str = "pad"):
     self.model = model
     self.mesh = mesh
     self.dataset_dir = dataset_dir
@@ -194,6 +196,7 @@ class Evaluator:
     if metric not in metrics_lib.RULES:
       raise ValueError(f"metric must be one of {metrics_lib.RULES}, got {metric!r}")
     self.metric = metric
+    self.resize = resize
     manifest = schema.load_manifest(dataset_dir)
     from fss_jax.data import episodes  # pylint: disable=g-import-not-at-top
     self.classes = episodes.fold_classes(manifest, self.fold, classes)
@@ -231,7 +234,8 @@ class Evaluator:
         self.dataset_dir, self.fold, self.shot, self.image_size, int(seed), self.local_batch,
         num_episodes, jax.process_index(), jax.process_count(), num_workers,
         split=self.split, original_label=self.original_label, min_pixels=self.min_pixels,
-        read_threads=self.read_threads, classes=self.which, way=self.way)
+        read_threads=self.read_threads, classes=self.which, way=self.way,
+        resize=self.resize)
     keys = list(self.model.inputs) + (
         ["orig_label", "orig_size"] if self.original_label else ["query_label"])
     meter = metrics_lib.FewShotMeter(self.classes, self.metric)
@@ -355,7 +359,7 @@ def from_config(config, model, mesh, dataset_dir: str, classes: str = "novel",
       split=d.eval_split, original_label=protocol.original_label,
       num_workers=int(d.num_workers), read_threads=int(d.read_threads),
       min_pixels=int(d.min_class_pixels), protocol=protocol, way=int(d.get("way", 1)),
-      metric=protocol.metric)
+      metric=protocol.metric, resize=dataset_dir_lib.eval_resize_mode(config))
 
 
 def load_variables(model, config, *, workdir: Optional[str] = None,

@@ -212,7 +212,7 @@ def _train_and_evaluate(config, workdir: str, step_hook) -> dict:
       jax.process_index(), jax.process_count(), int(d.num_workers), split=d.train_split,
       aug=dataset_dir_lib.train_aug(config), min_pixels=int(d.min_class_pixels),
       read_threads=int(d.read_threads),
-      skip_bad_records=bool(d.get("skip_bad_records", False)))
+      skip_bad_records=bool(d.get("skip_bad_records", False)), way=int(d.get("way", 1)))
   train_iter = iter(train_ds)
 
   # In-training selection: cheap and protocol-independent. The final evaluation: the protocol.
