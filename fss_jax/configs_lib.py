@@ -141,8 +141,8 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
 
   # The reported evaluation (final_metrics.json, scripts/evaluate.py): 'custom' = the data.eval_*
   # fields above; a preset fixes episodes, seeds and label mode as the named paper's test code
-  # ('asgnet', 'pfenet', 'bam', 'hsnet'; fss_jax/train/protocols.py). In-training evaluation
-  # always uses data.eval_episodes, data.seed and data.original_label_eval.
+  # ('asgnet', 'pfenet', 'bam', 'hsnet', 'panet'; fss_jax/train/protocols.py). In-training
+  # evaluation always uses data.eval_episodes, data.seed and data.original_label_eval.
   c.eval = ml_collections.ConfigDict()
   c.eval.protocol = protocols.DEFAULT_PROTOCOL
   # Episodes drawn as TensorBoard images at every in-training evaluation (tags eval/episode_i:

@@ -14,7 +14,7 @@ r"""Evaluates a model with the few-shot protocol: a training run's checkpoint or
       --checkpoint=train_epoch_xx.pth --config.data.data_dir=data/pascal5i \
       --config.eval.protocol=bam --output=fold0_bam.json
 
-``--config.eval.protocol`` is one of custom, asgnet, pfenet, bam, hsnet (any model, any
+``--config.eval.protocol`` is one of custom, asgnet, pfenet, bam, hsnet, panet (any model, any
 checkpoint; fss_jax/train/protocols.py lists what each fixes). Prints the protocol, the
 per-class table and mIoU / FB-IoU (mean ± std over seeds); ``--output`` writes them as JSON
 with the protocol, episode count, seeds and label mode first; ``--predictions`` writes a PNG of

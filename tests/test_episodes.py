@@ -240,3 +240,19 @@ def test_nway_needs_enough_classes():
     E.eval_episodes(_images(table), [1, 2, 3], 1, 5, seed=0, way=4)
   with pytest.raises(ValueError, match="way must be >= 1"):
     E.eval_episodes(_images(table), [1, 2, 3], 1, 5, seed=0, way=0)
+
+
+@pytest.mark.parametrize("way,shot", [(1, 1), (2, 3)])
+def test_class_balanced_episodes(way, shot):
+  """PANet's sampler: classes uniform (not weighted by how many images hold them), the query
+  and its way's supports distinct images of its class list, deterministic per (seed, i)."""
+  table = [{1: BIG} for _ in range(200)] + [{c: BIG} for c in (2, 3, 4) for _ in range(8)]
+  eps = E.class_balanced_episodes(_images(table), [1, 2, 3, 4], shot, 400, seed=1234, way=way)
+  assert eps == E.class_balanced_episodes(_images(table), [1, 2, 3, 4], shot, 400, seed=1234,
+                                          way=way)
+  counts = collections.Counter(c for e in eps for c in e.class_ids)
+  assert all(abs(counts[c] - 100 * way) < 40 * way for c in (1, 2, 3, 4)), counts
+  for ep in eps:
+    _check_nway(ep, table, way, shot, [1, 2, 3, 4])
+  other = E.class_balanced_episodes(_images(table), [1, 2, 3, 4], shot, 400, seed=1235, way=way)
+  assert other != eps

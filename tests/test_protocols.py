@@ -23,6 +23,7 @@ import numerics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 41
 BAM_SEEDS = [510, 365, 382, 322, 988]
+PANET_SEEDS = [1234, 1235, 1236, 1237, 1238]
 
 # protocol -> dataset -> (episodes, seeds, original labels); see fss_jax/train/protocols.py.
 WANT = {
@@ -30,7 +31,10 @@ WANT = {
     "pfenet": {"pascal5i": (5001, [321], True), "coco20i": (20001, [321], True)},
     "bam": {"pascal5i": (1000, BAM_SEEDS, True), "coco20i": (1000, BAM_SEEDS, True)},
     "hsnet": {"pascal5i": (1000, [0], False), "coco20i": (1000, [0], False)},
+    "panet": {"pascal5i": (1000, PANET_SEEDS, False), "coco20i": (1000, PANET_SEEDS, False)},
 }
+# protocol -> (metric, sampler, split); '' = data.eval_split
+WANT_EPISODES = {"panet": ("panet", "class_balanced", "train")}
 CASES = [(name, dataset) for name in WANT for dataset in ("pascal5i", "coco20i", "synthetic")]
 
 
@@ -52,8 +56,10 @@ def test_preset_resolves_per_dataset(name, dataset):
   episodes, seeds, original = WANT[name]["coco20i" if dataset == "coco20i" else "pascal5i"]
   assert (p.name, p.episodes, list(p.seeds), p.original_label) == (name, episodes, seeds,
                                                                    original)
+  metric, sampler, split = WANT_EPISODES.get(name, ("fss", "walk", ""))
   assert p.header() == {"protocol": name, "episodes": episodes, "seeds": seeds,
-                        "original_label": original, "metric": "fss"}
+                        "original_label": original, "metric": metric, "sampler": sampler,
+                        "split": split}
   assert ("PASCAL-5i count" in p.note) == (dataset == "synthetic")
   with pytest.raises(dataclasses.FrozenInstanceError):
     p.episodes = 1
@@ -82,13 +88,13 @@ def test_selection_ignores_the_protocol():
 
 
 def test_unknown_protocol_lists_the_valid_names():
-  config = _config("PANet")
-  msg = r"config.eval.protocol = 'PANet'.*valid: custom, asgnet, pfenet, bam, hsnet"
+  config = _config("OSLSM")
+  msg = r"config.eval.protocol = 'OSLSM'.*valid: custom, asgnet, pfenet, bam, hsnet, panet"
   with pytest.raises(ValueError, match=msg):
     E.protocol_settings(config)
   with pytest.raises(ValueError, match=msg):
     configs_lib.validate_config(config)
-  assert E.PROTOCOL_NAMES == ("custom", "asgnet", "pfenet", "bam", "hsnet")
+  assert E.PROTOCOL_NAMES == ("custom", "asgnet", "pfenet", "bam", "hsnet", "panet")
 
 
 def _random_variables(model, seed=0):
@@ -132,6 +138,22 @@ def test_from_config_takes_episodes_and_labels_from_the_protocol(tiny, name):
   sel = E.from_config(config, model, sharding.make_mesh(), data, "base",
                       protocol=E.selection_settings(config))
   assert (sel.num_episodes, sel.which) == (config.data.eval_episodes, "base")
+
+
+def test_panet_preset_evaluates_class_balanced_training_episodes(tiny):
+  """The 'panet' preset reaches the evaluator: the training split, the class-balanced sampler,
+  PANet's metric rule and, with data.transform='panet', its resize; a run (4 episodes instead
+  of 1000, for speed) scores with that rule."""
+  config, data, model, variables, _ = tiny
+  config = config.copy_and_resolve_references()
+  config.eval.protocol, config.data.transform = "panet", "panet"
+  ev = E.from_config(config, model, sharding.make_mesh(), data)
+  assert (ev.split, ev.sampler, ev.metric, ev.resize, ev.num_episodes) == (
+      config.data.train_split, "class_balanced", "panet", "stretch", 1000)
+  assert ev.protocol.seeds == tuple(PANET_SEEDS)
+  ev.num_episodes = 4
+  r = ev.run(jax.device_put(variables, sharding.replicated(ev.mesh)), 1234)
+  assert r.meter.rule == "panet" and r.meter.num_episodes == 4
 
 
 def test_bam_runs_each_preset_seed_with_exactly_n_episodes(tiny):

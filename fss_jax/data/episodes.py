@@ -291,6 +291,43 @@ def eval_episodes(images: Sequence[Mapping], novel: Collection[int], shot: int,
   return episodes
 
 
+def class_balanced_episodes(images: Sequence[Mapping], classes: Collection[int], shot: int,
+                            num_episodes: int, seed: int, min_pixels: int = MIN_CLASS_PIXELS,
+                            way: int = 1) -> list[Episode]:
+  """PANet's evaluation sampler (``PairedDataset``, reference_panet.md §3), exactly N long.
+
+  Episode i draws from `np.random.default_rng([seed, i])`: N distinct classes uniformly (way
+  order = draw order), the query's way uniformly, then per way K distinct images of the
+  class's list (the images where it is eligible), K + 1 for the query's way, whose last image
+  is the query. Class-balanced, unlike `eval_episodes`' walk over the images. As in PANet an
+  image may appear in two ways (never twice in one). Differences: PANet fixes the query's way
+  once per run (`cnt_query`) and draws from Python's `random` over its shipped class lists;
+  here the way is drawn per episode.
+  """
+  if shot < 1 or way < 1:
+    raise ValueError(f"shot and way must be >= 1, got {shot}, {way}")
+  class_images = build_class_index(images, classes, min_pixels)
+  usable = sorted(c for c, v in class_images.items() if len(v) > shot)
+  if len(usable) < way:
+    raise ValueError(f"{way}-way episodes need {way} classes eligible in more than {shot} "
+                     f"images; only {usable} of {sorted(class_images)} are")
+  episodes = []
+  for i in range(int(num_episodes)):
+    rng = np.random.default_rng([int(seed), i])
+    class_ids = [usable[j] for j in rng.choice(len(usable), size=way, replace=False)]
+    query_way = int(rng.integers(way))
+    supports, query = (), None
+    for w, c in enumerate(class_ids):
+      n = shot + (w == query_way)
+      picks = [int(class_images[c][j]) for j in rng.choice(len(class_images[c]), size=n,
+                                                            replace=False)]
+      if w == query_way:
+        query = picks.pop()
+      supports += tuple(picks)
+    episodes.append(Episode(query, supports, class_ids[0], tuple(class_ids), query_way))
+  return episodes
+
+
 def fold_classes(manifest, fold: int, which: str = "novel") -> list[int]:
   """The novel classes of `fold`, or (`which="base"`) every other class, sorted."""
   if not 0 <= fold < len(manifest.novel_folds):
@@ -304,16 +341,27 @@ def fold_classes(manifest, fold: int, which: str = "novel") -> list[int]:
   raise ValueError(f"which must be 'novel' or 'base', got {which!r}")
 
 
+SAMPLERS = ("walk", "class_balanced")
+
+
 def eval_episode_list(manifest, split: str, fold: int, shot: int, num_episodes: int,
                       seed: int, min_pixels: int = MIN_CLASS_PIXELS,
-                      which: str = "novel", way: int = 1) -> list[Episode]:
-  """`eval_episodes` for fold `fold` of a loaded `schema.Manifest`.
+                      which: str = "novel", way: int = 1,
+                      sampler: str = "walk") -> list[Episode]:
+  """`eval_episodes` (sampler 'walk', PFENet/ASGNet) or `class_balanced_episodes` ('class_
+  balanced', PANet) for fold `fold` of a loaded `schema.Manifest`.
 
   `which="base"` draws episodes of the fold's base classes instead (held-out base-class
   validation on the evaluation split, for model selection without looking at novel classes).
   """
-  return eval_episodes(manifest.images(split), fold_classes(manifest, fold, which), shot,
-                       num_episodes, seed, min_pixels, way)
+  classes = fold_classes(manifest, fold, which)
+  if sampler == "walk":
+    return eval_episodes(manifest.images(split), classes, shot, num_episodes, seed,
+                         min_pixels, way)
+  if sampler == "class_balanced":
+    return class_balanced_episodes(manifest.images(split), classes, shot, num_episodes, seed,
+                                   min_pixels, way)
+  raise ValueError(f"episode sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
 def train_sampler_for_fold(manifest, split: str, fold: int, shot: int,

@@ -395,7 +395,8 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
                  original_label: bool = False, orig_label_size: int | None = None,
                  min_pixels: int = episodes_lib.MIN_CLASS_PIXELS,
                  read_threads: int = 1, classes: str = "novel",
-                 way: int = 1, resize: str = "pad") -> grain.IterDataset:
+                 way: int = 1, resize: str = "pad",
+                 sampler: str = "walk") -> grain.IterDataset:
   """Finite stream of evaluation batches over exactly `num_episodes` episodes.
 
   Episode i (of `episodes.eval_episodes(..., seed)`) goes to process i % process_count.
@@ -413,6 +414,8 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
     way: classes per episode (N-way episodes, `episodes.py`).
     resize: 'pad' (`transforms.eval_resize`: aspect kept, 255 padding; PFENet/ASGNet) or
       'stretch' (`transforms.eval_stretch`: S x S, PANet); original labels need 'pad'.
+    sampler: 'walk' (`episodes.eval_episodes`) or 'class_balanced' (PANet's,
+      `episodes.class_balanced_episodes`).
   """
   _check_process(process_index, process_count)
   transforms.check_size(image_size)
@@ -423,7 +426,7 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
                      "evaluator undoes an aspect-keeping resize); PANet scores resized labels")
   manifest = schema.load_manifest(dataset_dir)
   eps = episodes_lib.eval_episode_list(manifest, split, fold, shot, num_episodes, seed,
-                                       min_pixels, which=classes, way=way)
+                                       min_pixels, which=classes, way=way, sampler=sampler)
   reader = manifest.source(split).reader
   size = None
   if original_label:

@@ -173,13 +173,15 @@ class Evaluator:
     way: classes per episode (N-way episodes; the model's logits have 1 + way channels).
     metric: the meter's rule, 'fss' (PFENet/ASGNet) or 'panet' (``metrics.FewShotMeter``).
     resize: the evaluation resize, 'pad' or 'stretch' (``pipeline.eval_dataset``).
+    sampler: the episode sampler, 'walk' or 'class_balanced' (``pipeline.eval_dataset``).
   """
 
   def __init__(self, model, mesh, dataset_dir: str, *, fold: int, shot: int, image_size: int,
                batch_size: int, num_episodes: int, classes: str = "novel", split: str = "val",
                original_label: bool = False, num_workers: int = 0, read_threads: int = 1,
                min_pixels: int = 2 * 32 * 32, protocol: Optional[Protocol] = None,
-               way: int = 1, metric: str = "fss", resize: str = "pad"):
+               way: int = 1, metric: str = "fss", resize: str = "pad",
+               sampler: str = "walk"):
     self.model = model
     self.mesh = mesh
     self.dataset_dir = dataset_dir
@@ -197,6 +199,7 @@ class Evaluator:
       raise ValueError(f"metric must be one of {metrics_lib.RULES}, got {metric!r}")
     self.metric = metric
     self.resize = resize
+    self.sampler = sampler
     manifest = schema.load_manifest(dataset_dir)
     from fss_jax.data import episodes  # pylint: disable=g-import-not-at-top
     self.classes = episodes.fold_classes(manifest, self.fold, classes)
@@ -235,7 +238,7 @@ class Evaluator:
         num_episodes, jax.process_index(), jax.process_count(), num_workers,
         split=self.split, original_label=self.original_label, min_pixels=self.min_pixels,
         read_threads=self.read_threads, classes=self.which, way=self.way,
-        resize=self.resize)
+        resize=self.resize, sampler=self.sampler)
     keys = list(self.model.inputs) + (
         ["orig_label", "orig_size"] if self.original_label else ["query_label"])
     meter = metrics_lib.FewShotMeter(self.classes, self.metric)
@@ -356,10 +359,11 @@ def from_config(config, model, mesh, dataset_dir: str, classes: str = "novel",
   return Evaluator(
       model, mesh, dataset_dir, fold=d.fold, shot=eval_shot(config), image_size=d.image_size,
       batch_size=d.eval_batch_size, num_episodes=protocol.episodes, classes=classes,
-      split=d.eval_split, original_label=protocol.original_label,
+      split=protocol.split or d.eval_split, original_label=protocol.original_label,
       num_workers=int(d.num_workers), read_threads=int(d.read_threads),
       min_pixels=int(d.min_class_pixels), protocol=protocol, way=int(d.get("way", 1)),
-      metric=protocol.metric, resize=dataset_dir_lib.eval_resize_mode(config))
+      metric=protocol.metric, resize=dataset_dir_lib.eval_resize_mode(config),
+      sampler=protocol.sampler)
 
 
 def load_variables(model, config, *, workdir: Optional[str] = None,

@@ -17,6 +17,9 @@ pfenet  5001                20001                   321              original
 bam     1000                1000                    510 365 382      original
                                                     322 988
 hsnet   1000                1000                    0                resized (with the image)
+panet   1000                1000                    1234..1238       resized; training split,
+                                                                     class-balanced episodes,
+                                                                     PANet's metric
 ======  ==================  ======================  ===============  ========================
 
 Counts are keyed on ``config.data.dataset``: 'coco20i' takes the COCO column, every other
@@ -68,11 +71,14 @@ What no preset reproduces (a port reproduces a protocol, not the authors' episod
   goes through the config's ``data.image_size`` aspect-preserving resize and our episode walk;
   ``hsnet`` fixes its seed, count and label mode only. Its 5-shot vote is a model matter.
 * The input size and the model's own test-time behaviour are the config's, not the preset's.
-* PANet (kaixin96/PANet ``test.py``; not built here, so no preset): 5 runs of 1000 episodes
-  with seeds 1234 + r, episodes drawn from the *training* split (trainaug / train2014), scored
-  on 417×417 resized labels with a metric that skips a class absent from an episode's target
-  (docs/reference_panet.md §9). Seeds and count could be set with 'custom'; the split and the
-  metric could not.
+* ``panet`` — kaixin96/PANet ``test.py`` / ``config.py`` (reference_panet.md §9): ``n_runs`` 5 ×
+  ``n_steps`` 1000 episodes, ``set_seed(1234 + run)`` per run, episodes from the *training*
+  split (``data_split`` trainaug / train2014) sampled class-balanced (``PairedDataset``:
+  classes first, then images of their lists; ``episodes.class_balanced_episodes``), scored
+  on the labels resized with the image (417×417 without keeping the aspect with
+  ``data.transform='panet'``) by ``util/metric.py`` (``metrics.FewShotMeter`` rule 'panet').
+  Python's ``random`` draws are not replayed, and the query's way is drawn per episode where
+  PANet fixes it per run.
 
 Original labels are always available: every converted dataset stores each image's label at the
 size the converter read it (``pipeline.EvalBatchFn`` pads it into the ``orig_label`` canvas), so
@@ -86,6 +92,7 @@ from typing import Any, Mapping
 CUSTOM = "custom"
 DEFAULT_PROTOCOL = CUSTOM
 BAM_SEEDS = (510, 365, 382, 322, 988)
+PANET_SEEDS = (1234, 1235, 1236, 1237, 1238)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +108,8 @@ class Protocol:
     note: one line on where the numbers come from.
     metric: how episodes are reduced (``metrics.FewShotMeter`` rules): 'fss' (PFENet/ASGNet:
       every episode counts) or 'panet' (a class counts only in episodes whose label holds it).
+    sampler: 'walk' (``episodes.eval_episodes``) or 'class_balanced' (PANet's).
+    split: the manifest split episodes come from ('' = ``data.eval_split``).
   """
   name: str
   episodes: int
@@ -108,11 +117,14 @@ class Protocol:
   original_label: bool
   note: str = ""
   metric: str = "fss"
+  sampler: str = "walk"
+  split: str = ""
 
   def header(self) -> dict[str, Any]:
     """The entries written at the top of ``final_metrics.json`` / ``evaluate.py --output``."""
     return {"protocol": self.name, "episodes": self.episodes, "seeds": list(self.seeds),
-            "original_label": self.original_label, "metric": self.metric}
+            "original_label": self.original_label, "metric": self.metric,
+            "sampler": self.sampler, "split": self.split}
 
   def describe(self) -> str:
     """'protocol bam: 1000 episodes x 5 seeds [510, ...], original labels'."""
@@ -128,6 +140,9 @@ class _Preset:
   seeds: tuple[int, ...]
   original_label: bool
   note: str
+  metric: str = "fss"
+  sampler: str = "walk"
+  split: str = ""  # '' = data.eval_split; 'train' = data.train_split
 
 
 PRESETS: Mapping[str, _Preset] = {
@@ -148,6 +163,12 @@ PRESETS: Mapping[str, _Preset] = {
         "HSNet test.py: fix_randseed(0), 1000 test episodes (PASCAL and COCO), labels "
         "resized with the image (use_original_imgsize off); its 400x400 resize and sampler "
         "are not reproduced"),
+    "panet": _Preset(
+        1000, 1000, PANET_SEEDS, False,
+        "PANet test.py: 5 runs x 1000 episodes, seeds 1234 + run, class-balanced episodes "
+        "from the training split, resized labels, util/metric.py (a class counts only where "
+        "the label holds it; binary IoU pooled over the classes); mean ± std over the runs",
+        metric="panet", sampler="class_balanced", split="train"),
 }
 PROTOCOL_NAMES = (CUSTOM,) + tuple(PRESETS)
 
@@ -186,7 +207,8 @@ def protocol_settings(config) -> Protocol:
   if dataset not in ("pascal5i", "coco20i"):
     note += f" (dataset {dataset!r}: the PASCAL-5i count)"
   episodes = p.coco_episodes if dataset == "coco20i" else p.pascal_episodes
-  return Protocol(name, episodes, p.seeds, p.original_label, note)
+  split = str(d.train_split) if p.split == "train" else ""
+  return Protocol(name, episodes, p.seeds, p.original_label, note, p.metric, p.sampler, split)
 
 
 def selection_settings(config) -> Protocol:
