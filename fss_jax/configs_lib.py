@@ -173,6 +173,10 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
   c.train.weight_decay = 1e-4
   c.train.poly_power = 0.9
   c.train.poly_step_offset = 1         # the reference's 1-based iteration counter
+  # 'poly' (PFENet/ASGNet) or 'multistep' (PANet: lr × gamma at each of milestones, in updates)
+  c.train.schedule = "poly"
+  c.train.milestones = ()
+  c.train.gamma = 0.1
   c.train.aux_weight = 1.0             # the FEM models' auxiliary-loss weight
   c.train.frozen_keys = ("backbone",)  # top-level params without gradient / optimiser state
   c.train.log_every = 50               # steps
@@ -337,6 +341,19 @@ def validate_config(config: ml_collections.ConfigDict, num_folds: int = 4) -> No
     bad("model.backbone_blocks", m.backbone_blocks, "must be () or four counts >= 1")
   if m.backbone_dtype not in backbones.DTYPES:
     bad("model.backbone_dtype", m.backbone_dtype, f"must be one of {sorted(backbones.DTYPES)}")
+  if d.get("way", 1) < 1:
+    bad("data.way", d.way, "must be >= 1")
+  if d.get("way", 1) > 1 and not getattr(registry.get(m.name), "N_WAY", False):
+    bad("data.way", d.way, f"model {m.name!r} is 1-way (N-way episodes: model.name='panet')")
+  transform = d.get("transform", "fss")
+  if transform not in ("fss", "panet"):
+    bad("data.transform", transform, "must be 'fss' or 'panet'")
+  if transform == "panet" and (d.original_label_eval
+                               or protocols.protocol_settings(config).original_label):
+    bad("data.transform", transform, "scores resized labels only (its resize does not keep "
+        "the aspect); set data.original_label_eval=False and a resized-label protocol")
+  if t.get("schedule", "poly") not in ("poly", "multistep"):
+    bad("train.schedule", t.schedule, "must be 'poly' or 'multistep'")
   if t.select_on not in ("novel", "base_heldout"):
     bad("train.select_on", t.select_on, "must be 'novel' or 'base_heldout'")
   if t.total_steps <= 0 and t.epochs <= 0:

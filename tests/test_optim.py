@@ -82,6 +82,38 @@ def test_sgd_matches_torch(weight_decay):
                              f"step {k + 1} {name}")
 
 
+def test_multistep_matches_torch_multisteplr():
+  """'multistep' = torch.optim.lr_scheduler.MultiStepLR stepped after every update (PANet):
+  the rate of each update, and the SGD trajectory with weight decay 5e-4."""
+  config = _config(lr=1e-3, weight_decay=5e-4, schedule="multistep", milestones=(3, 5, 9),
+                   gamma=0.1)
+  rng = np.random.default_rng(1)
+  p0 = rng.normal(size=(4, 3)).astype(np.float64)
+  grads = [rng.normal(size=(4, 3)) for _ in range(8)]
+  tp = torch.tensor(p0, requires_grad=True)
+  opt = torch.optim.SGD([tp], lr=1e-3, momentum=0.9, weight_decay=5e-4)
+  sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3, 5, 9], gamma=0.1)
+  rates, want = [], []
+  for g in grads:
+    rates.append(opt.param_groups[0]["lr"])
+    tp.grad = torch.tensor(g)
+    opt.step()
+    sched.step()
+    want.append(tp.detach().numpy().copy())
+  with jax.enable_x64(True):
+    ours = optim.make_schedule(config)
+    np.testing.assert_allclose([float(ours(k)) for k in range(8)], rates, rtol=1e-12)
+    tx = optim.make_optimizer(config)
+    params = jnp.asarray(p0)
+    state = tx.init(params)
+    for k, g in enumerate(grads):
+      updates, state = tx.update(jnp.asarray(g), state, params)
+      params = optax.apply_updates(params, updates)
+      numerics.assert_exact(np.asarray(params), want[k], f"update {k}")
+  with pytest.raises(ValueError, match="schedule"):
+    optim.make_schedule(_config(schedule="cosine"))
+
+
 def test_decoupled_decay_would_differ():
   """Guards the ordering: decay after momentum gives a different trajectory at wd 0.2."""
   p = {"w": jnp.ones((3,))}

@@ -55,6 +55,25 @@ def poly_schedule(base_lr: float, max_steps: int, power: float = 0.9,
   return schedule
 
 
+def multistep_schedule(base_lr: float, milestones: Sequence[int],
+                       gamma: float = 0.1) -> Callable[[Any], jax.Array]:
+  """PyTorch ``MultiStepLR`` stepped after every update (PANet's ``train.py``): update ``count``
+  (0-based) uses ``base_lr · gamma^(number of milestones <= count)``; PANet's milestones
+  10000, 20000, 30000 give 1e-3 for updates 0..9999, 1e-4 from 10000, 1e-5 from 20000."""
+  if base_lr < 0:
+    raise ValueError(f"multistep_schedule: base_lr must be non-negative, got {base_lr}.")
+  marks = jnp.asarray(sorted(int(m) for m in milestones) or [2**31 - 1], jnp.int32)
+
+  def schedule(count):
+    passed = jnp.sum(jnp.asarray(count, jnp.int32) >= marks)
+    return base_lr * jnp.asarray(gamma, jnp.result_type(float)) ** passed
+
+  return schedule
+
+
+SCHEDULES = ("poly", "multistep")
+
+
 def total_steps_from_config(config, steps_per_epoch: Optional[int] = None) -> int:
   """``config.train.total_steps`` when positive, else ``epochs × steps_per_epoch``."""
   train = config.train
@@ -71,8 +90,14 @@ def total_steps_from_config(config, steps_per_epoch: Optional[int] = None) -> in
 
 def make_schedule(config, total_steps: Optional[int] = None,
                   steps_per_epoch: Optional[int] = None) -> Callable[[Any], jax.Array]:
-  """The poly schedule described by ``config.train`` (lr, poly_power, poly_step_offset)."""
+  """The schedule described by ``config.train``: ``schedule`` 'poly' (lr, poly_power,
+  poly_step_offset; the default) or 'multistep' (lr, milestones, gamma)."""
   train = config.train
+  name = train.get("schedule", "poly")
+  if name == "multistep":
+    return multistep_schedule(float(train.lr), tuple(train.milestones), float(train.gamma))
+  if name != "poly":
+    raise ValueError(f"config.train.schedule = {name!r}: must be one of {SCHEDULES}.")
   if total_steps is None:
     total_steps = total_steps_from_config(config, steps_per_epoch)
   return poly_schedule(float(train.lr), int(total_steps), float(train.get("poly_power", 0.9)),
@@ -81,7 +106,7 @@ def make_schedule(config, total_steps: Optional[int] = None,
 
 def make_optimizer(config, total_steps: Optional[int] = None,
                    steps_per_epoch: Optional[int] = None) -> optax.GradientTransformation:
-  """SGD with momentum and torch-style (coupled) weight decay on a poly schedule.
+  """SGD with momentum and torch-style (coupled) weight decay on the config's schedule.
 
   Apply it to the *head* parameters only (see ``split_params``).
 
