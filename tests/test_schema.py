@@ -241,3 +241,152 @@ def test_folds():
       [1, 4, 7], [2, 5], [3, 6]]
   with pytest.raises(ValueError):
     folds.pascal5i_novel(4)
+
+
+# ----------------------------------------------------------------------------- optional maps
+
+
+def _plain(items):
+  return [{k: v for k, v in it.items() if k != "rgb"} for it in items]
+
+
+def test_optional_features_round_trip(tmp_path):
+  rng = np.random.default_rng(7)
+  items = _plain(_items(4, rng))
+  shape = lambda it: it["label"].shape
+  # Record 0: instance array (uint8) + scribble array; 1: instance as uint16 PNG bytes only;
+  # 2: scribble PNG bytes only; 3: none.
+  inst0 = rng.integers(0, 4, shape(items[0])).astype(np.uint8)
+  inst0[0, 0] = 255
+  scr0 = np.full(shape(items[0]), 255, np.uint8)
+  scr0[2, 1:5], scr0[4, 3] = 0, 2
+  inst1 = rng.integers(0, 300, shape(items[1])).astype(np.uint16)
+  scr2 = np.full(shape(items[2]), 255, np.uint8)
+  scr2[1, 1] = 1
+  items[0].update(instance=inst0, scribble=scr0)
+  items[1].update(instance_png=schema.encode_label_png(inst1), scribble=None)
+  items[2].update(scribble_png=schema.encode_label_png(scr2))
+  m = schema.write_dataset(tmp_path / "ds", name="t", classes=[f"c{i}" for i in range(1, 6)],
+                           novel_folds=[[1]], scheme="custom",
+                           splits={"train": items[:3], "val": items[3:]}, progress=False)
+  loaded = schema.load_manifest(tmp_path / "ds")
+  assert loaded.to_json() == m.to_json()
+  assert loaded.optional_features == {"instance": {"train": 2}, "scribble": {"train": 2}}
+  assert [im.get("features") for im in loaded.images("train")] == [
+      ["instance", "scribble"], ["instance"], ["scribble"]]
+  assert "features" not in loaded.images("val")[0]
+  assert loaded.records_with("instance", "train") == [True, True, False]
+  assert loaded.records_with("scribble", "val") == [False]
+  assert loaded.has_feature("instance") and loaded.has_feature("scribble", "train")
+  assert not loaded.has_feature("instance", "val")
+  want = [(inst0, scr0), (inst1, None), (None, scr2)]
+  reader = loaded.source("train").reader
+  for i, (inst, scr) in enumerate(want):
+    ex, _, label = schema.read_record(reader, i)
+    for got in (schema.decode_extras(ex, label.shape), schema.read_extras(reader, i, ex)):
+      assert set(got) == {"instance", "scribble"}
+      for name, arr in (("instance", inst), ("scribble", scr)):
+        if arr is None:
+          assert got[name] is None and ex[f"{name}_png"] is None
+        else:
+          assert got[name].dtype == arr.dtype
+          np.testing.assert_array_equal(got[name], arr)
+  ex = schema.decode_example(loaded.source("val")[0])
+  assert schema.decode_extras(ex) == {"instance": None, "scribble": None}
+
+
+def test_datasets_without_optional_maps_are_unchanged(tmp_path):
+  rng = np.random.default_rng(8)
+  items = _plain(_items(2, rng))
+  m = schema.write_dataset(tmp_path, name="t", classes=["a"] * 5, novel_folds=[[1]],
+                           scheme="custom", splits={"train": items}, progress=False)
+  with open(tmp_path / "manifest.json") as f:
+    obj = json.load(f)
+  assert "optional_features" not in obj
+  assert all(set(im) == {"id", "height", "width", "classes"}
+             for im in obj["splits"]["train"]["images"])
+  assert m.optional_features == {} and not m.has_feature("instance")
+  assert m.records_with("scribble", "train") == [False, False]
+  # The record is byte-for-byte what the encoder wrote before the optional features existed:
+  # the same features, nothing more.
+  from tensorflow_datasets.proto import tf_example_generated_pb2 as pb
+  feats = pb.Example.FromString(m.source("train")[0]).features.feature
+  assert sorted(feats) == ["image/encoded", "image/format", "image/height", "image/id",
+                           "image/width", "label/class_pixels", "label/classes",
+                           "label/encoded"]
+
+
+def test_optional_feature_errors_name_image_and_record(tmp_path):
+  rng = np.random.default_rng(9)
+  item = _plain(_items(1, rng))[0]
+  h, w = item["label"].shape
+  kw = dict(name="t", classes=["a"] * 5, novel_folds=[[1]], scheme="custom", progress=False)
+  for bad, pattern in [
+      (dict(item, instance=np.zeros((3, 3), np.uint8)), rf"im0.*instance map is 3x3.*{h}x{w}"),
+      (dict(item, instance=np.zeros((h, w), np.int32)), r"im0.*instance map must be uint8"),
+      (dict(item, scribble=np.zeros((h, w), np.uint16)), r"im0.*scribble map must be uint8"),
+      (dict(item, scribble_png=b"junk"), r"im0.*scribble/encoded \(4 bytes\)"),
+      (dict(item, instance_png=schema.encode_label_png(np.zeros((2, 2), np.uint8))),
+       r"im0.*instance/encoded is 2x2"),
+      (dict(item, scribble=np.zeros((h, w), np.uint8), scribble_png=b"x"), "both")]:
+    with pytest.raises(ValueError, match=pattern):
+      schema.write_dataset(tmp_path / "o", splits={"train": [bad]}, **kw)
+  assert not os.path.exists(tmp_path / "o" / "manifest.json")
+  # A damaged optional map in a written record: read_extras names shard, record and id.
+  png = schema.encode_label_png(item["label"])
+  good = schema.encode_example(image_bytes=item["image_bytes"], image_format="jpeg",
+                               image_id="im0", height=h, width=w, label_png=png,
+                               class_pixels=schema.class_pixel_counts(item["label"]))
+  bad = schema.encode_example(image_bytes=item["image_bytes"], image_format="jpeg",
+                              image_id="im1", height=h, width=w, label_png=png,
+                              class_pixels=schema.class_pixel_counts(item["label"]),
+                              instance_png=schema.encode_label_png(np.zeros((h, 2), np.uint8)),
+                              scribble_png=b"\x89PNG broken")
+  path = str(tmp_path / "s.tfrecord")
+  tfrecord.write_tfrecord(path, [good, bad])
+  reader = tfrecord.TFRecordReader([path])
+  ex, _, label = schema.read_record(reader, 1)
+  with pytest.raises(schema.BadRecordError) as err:
+    schema.read_extras(reader, 1, ex, label.shape)
+  assert err.value.kind == "instance" and err.value.record == 1 and err.value.image_id == "im1"
+  assert str(err.value).startswith(f"{path} record 1 (image id 'im1'): instance/encoded is "
+                                   f"{h}x2 but the label is {h}x{w}")
+  with pytest.raises(schema.BadRecordError, match="scribble/encoded .*not a single-channel"):
+    schema.read_extras(reader, 1, ex)  # no size check: the broken scribble PNG is next
+  with pytest.raises(ValueError, match="image 'im1': scribble/encoded"):
+    schema.decode_extra(ex, "scribble")
+  with pytest.raises(ValueError, match="unknown optional feature"):
+    schema.decode_extra(ex, "depth")
+  assert schema.read_extras(reader, 0, schema.read_record(reader, 0)[0]) == {
+      "instance": None, "scribble": None}
+
+
+def test_manifest_optional_feature_errors(tmp_path):
+  path = tmp_path / "manifest.json"
+  good = {"name": "x", "version": 1, "classes": ["a", "b"],
+          "folds": {"scheme": "custom", "novel": [[1]]},
+          "optional_features": {"instance": {"train": 1}},
+          "splits": {"train": {"files": ["t.tfrecord"],
+                               "images": [{"id": "i", "height": 1, "width": 1,
+                                           "classes": {"2": 1}, "features": ["instance"]},
+                                          {"id": "j", "height": 1, "width": 1,
+                                           "classes": {}}]}}}
+  path.write_text(json.dumps(good))
+  m = schema.load_manifest(path)
+  assert m.records_with("instance", "train") == [True, False]
+  assert m.to_json()["optional_features"] == {"instance": {"train": 1}}
+  for mutate, pattern in [
+      (lambda d: d["optional_features"].update(depth={"train": 1}), "unknown feature 'depth'"),
+      (lambda d: d["optional_features"].update(instance={"train": 2}),
+       r"optional_features.instance.train is 2 but 1 images"),
+      (lambda d: d.pop("optional_features"), r"instance.train is 0 but 1 images"),
+      (lambda d: d["optional_features"].update(instance={"val": 1}), "split names"),
+      (lambda d: d["splits"]["train"]["images"][1].update(features=["x"]),
+       r"images\[1\] \(j\) features")]:
+    d = json.loads(json.dumps(good))
+    mutate(d)
+    path.write_text(json.dumps(d))
+    with pytest.raises(schema.ManifestError) as err:
+      schema.load_manifest(tmp_path)
+    assert str(path) in str(err.value)
+    assert __import__("re").search(pattern, str(err.value)), str(err.value)

@@ -10,9 +10,11 @@ manifest entry. Problem kinds:
   parse         not a tf.train.Example, or a feature is missing or malformed
   image, label  the image / label bytes do not decode
   size          image and label sizes differ
+  instance, scribble  an optional map (schema.OPTIONAL_FEATURES) does not decode or is not of
+                the label's size
   label_values  label ids outside 0, 1..C (the manifest's classes) and 255
-  manifest      the record's id, height/width or class pixel counts differ from its manifest
-                entry (after an 'index' or 'count' problem, entries can no longer be matched
+  manifest      the record's id, height/width, class pixel counts or optional features differ
+                from its manifest entry (after an 'index' or 'count' problem, entries can no longer be matched
                 to records and this check is skipped for that split)
 
 Every problem names the shard file, the record number in it (from 0) and the image id, as
@@ -29,8 +31,8 @@ import numpy as np
 from fss_jax.data import schema
 from fss_jax.data import tfrecord
 
-KINDS = ("index", "count", "crc", "parse", "image", "label", "size", "label_values",
-         "manifest")
+KINDS = ("index", "count", "crc", "parse", "image", "label", "size", "instance", "scribble",
+         "label_values", "manifest")
 
 
 @dataclasses.dataclass
@@ -125,6 +127,10 @@ def _check_split(manifest: schema.Manifest, split: str, report: Report) -> None:
         report.problems.append(Problem(e.kind, split, path, j, e.image_id, e.detail))
         continue
       del image
+      try:
+        schema.read_extras(reader, j, ex, label.shape)
+      except schema.BadRecordError as e:
+        report.problems.append(Problem(e.kind, split, path, j, e.image_id, e.detail))
       values = np.unique(label)
       bad = [int(v) for v in values if v != 0 and v != schema.IGNORE_LABEL and v > num_classes]
       if bad:
@@ -145,5 +151,8 @@ def _check_split(manifest: schema.Manifest, split: str, report: Report) -> None:
       want = {int(c): int(n) for c, n in entry["classes"].items()}
       if not bad and schema.class_pixel_counts(label) != want:
         diffs.append("class pixel counts differ from the manifest's")
+      stored = [f for f in schema.OPTIONAL_FEATURES if ex.get(f"{f}_png") is not None]
+      if stored != [f for f in schema.OPTIONAL_FEATURES if f in entry.get("features", ())]:
+        diffs.append(f"optional features {stored} vs manifest {entry.get('features', [])}")
       if diffs:
         report.problems.append(Problem("manifest", split, path, j, ex["id"], "; ".join(diffs)))

@@ -16,6 +16,17 @@ Features of one record:
                               class there)
   label/classes       int64[] class ids present (ascending, excluding 0 and 255)
   label/class_pixels  int64[] pixel count of each of those classes
+
+Optional features (OPTIONAL_FEATURES; a record without one simply lacks the key, so datasets
+written before they existed read unchanged; `decode_extras` / `read_extras` decode them):
+  instance/encoded    bytes   PNG of the (H, W) instance-id map (uint8, or uint16 for more than
+                              255 ids): 0 no instance, 1.. instance ids, 255 = VOC's border
+                              (VOC SegmentationObject / SBD GTinst); for PANet's box supports
+  scribble/encoded    bytes   PNG of the uint8 (H, W) scribble map: 255 no scribble, 0 background
+                              scribble, other values object scribble ids (PANet's ScribbleAugAuto
+                              encoding); for PANet's scribble supports
+The manifest says which records have them: "optional_features" {name: {split: record count}}
+and, per image, "features" [names] (both left out when a dataset has none).
 """
 from __future__ import annotations
 
@@ -39,6 +50,11 @@ SCHEMES = ("pascal5i", "coco20i", "coco20i_interleaved", "fss1000", "custom")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+# Optional per-record maps: name -> (feature key, allowed dtypes of the decoded map).
+OPTIONAL_FEATURES = ("instance", "scribble")
+_OPTIONAL = {"instance": ("instance/encoded", (np.uint8, np.uint16)),
+             "scribble": ("scribble/encoded", (np.uint8,))}
+
 # --------------------------------------------------------------------------- examples
 
 
@@ -51,8 +67,13 @@ def _int64_feature(values) -> _feature_pb.Feature:
 
 
 def encode_example(*, image_bytes: bytes, image_format: str, image_id: str, height: int,
-                   width: int, label_png: bytes, class_pixels: Mapping[int, int]) -> bytes:
-  """Serializes one image + label map as a tf.train.Example (see module docstring)."""
+                   width: int, label_png: bytes, class_pixels: Mapping[int, int],
+                   instance_png: bytes | None = None,
+                   scribble_png: bytes | None = None) -> bytes:
+  """Serializes one image + label map as a tf.train.Example (see module docstring).
+
+  instance_png / scribble_png: the optional features' PNG bytes; None stores no feature.
+  """
   classes = sorted(int(c) for c in class_pixels)
   feature = {
       "image/encoded": _bytes_feature([bytes(image_bytes)]),
@@ -64,6 +85,9 @@ def encode_example(*, image_bytes: bytes, image_format: str, image_id: str, heig
       "label/classes": _int64_feature(classes),
       "label/class_pixels": _int64_feature([class_pixels[c] for c in classes]),
   }
+  for name, png in (("instance", instance_png), ("scribble", scribble_png)):
+    if png is not None:
+      feature[_OPTIONAL[name][0]] = _bytes_feature([bytes(png)])
   return _example_pb.Example(features=_feature_pb.Features(feature=feature)).SerializeToString()
 
 
@@ -72,7 +96,8 @@ def decode_example(record: bytes) -> dict[str, Any]:
 
   Returns:
     dict with image_bytes (bytes), image_format (str), id (str), height, width (int),
-    label_png (bytes), class_pixels (dict[int, int], ascending class ids).
+    label_png (bytes), class_pixels (dict[int, int], ascending class ids), and for the
+    optional features instance_png, scribble_png (bytes, or None when the record has none).
   """
   try:
     example = _example_pb.Example.FromString(bytes(record))
@@ -105,6 +130,8 @@ def decode_example(record: bytes) -> dict[str, Any]:
       "width": int(one("image/width", "int64_list")),
       "label_png": one("label/encoded", "bytes_list"),
       "class_pixels": {int(c): int(n) for c, n in zip(classes, pixels)},
+      **{f"{name}_png": (one(key, "bytes_list") if key in feats else None)
+         for name, (key, _) in _OPTIONAL.items()},
   }
 
 
@@ -166,7 +193,9 @@ class BadRecordError(ValueError):
 
   Attributes:
     kind: 'crc' (framing / CRC check failed), 'parse' (not an Example, missing or malformed
-      feature), 'image' / 'label' (undecodable), 'size' (image and label sizes differ).
+      feature), 'image' / 'label' (undecodable), 'size' (image and label sizes differ),
+      'instance' / 'scribble' (an optional map undecodable or not of the label's size; raised
+      by `read_extras` only).
     path, record, image_id: where (image_id None when unreadable).
     detail: the underlying error's message.
   """
@@ -229,6 +258,70 @@ def read_record(reader: tfrecord.TFRecordReader, index: int
                          f"image {image.shape[0]}x{image.shape[1]} and label "
                          f"{label.shape[0]}x{label.shape[1]} differ in size")
   return ex, image, label
+
+
+def decode_extra(example: Mapping[str, Any], name: str,
+                 shape: tuple[int, int] | None = None) -> np.ndarray | None:
+  """One optional map of a `decode_example` dict, decoded; None when the record has none.
+
+  Args:
+    example: a `decode_example` (or `read_record`) dict.
+    name: one of OPTIONAL_FEATURES ("instance": uint8 or uint16 (H, W); "scribble": uint8
+      (H, W)).
+    shape: when given, the (H, W) the map must have (the record's label's).
+
+  Raises:
+    ValueError: naming the feature and the image id (undecodable, wrong dtype, wrong size).
+  """
+  if name not in _OPTIONAL:
+    raise ValueError(f"unknown optional feature {name!r} (known: {OPTIONAL_FEATURES})")
+  png = example.get(f"{name}_png")
+  if png is None:
+    return None
+  try:
+    return _decode_optional(png, name, shape)
+  except ValueError as e:
+    raise ValueError(f"image {example.get('id')!r}: {e}") from e
+
+
+def _decode_optional(png: bytes, name: str, shape: tuple[int, int] | None) -> np.ndarray:
+  key, dtypes = _OPTIONAL[name]
+  array = _imdecode(png, cv2.IMREAD_UNCHANGED)
+  if array is None or array.ndim != 2 or array.dtype not in dtypes:
+    kind = "8- or 16-bit" if len(dtypes) == 2 else "8-bit"
+    got = "undecodable" if array is None else f"{array.dtype} {array.shape}"
+    raise ValueError(f"{key} ({len(png)} bytes) is not a single-channel {kind} PNG ({got})")
+  if shape is not None and array.shape != tuple(shape):
+    raise ValueError(f"{key} is {array.shape[0]}x{array.shape[1]} but the label is "
+                     f"{shape[0]}x{shape[1]}")
+  return array
+
+
+def decode_extras(example: Mapping[str, Any], shape: tuple[int, int] | None = None
+                  ) -> dict[str, np.ndarray | None]:
+  """All optional maps of a `decode_example` dict: {"instance": array or None,
+  "scribble": array or None} (see `decode_extra`; errors are ValueErrors naming the feature and
+  the image id)."""
+  return {name: decode_extra(example, name, shape) for name in OPTIONAL_FEATURES}
+
+
+def read_extras(reader: tfrecord.TFRecordReader, index: int, example: Mapping[str, Any],
+                shape: tuple[int, int] | None = None) -> dict[str, np.ndarray | None]:
+  """`decode_extras` of record `index` of `reader`, whose `read_record` dict is `example`.
+
+  Raises:
+    BadRecordError: kind 'instance' or 'scribble', naming the shard, the record number in it
+      and the image id, as `read_record` does.
+  """
+  out = {}
+  for name in OPTIONAL_FEATURES:
+    png = example.get(f"{name}_png")
+    try:
+      out[name] = None if png is None else _decode_optional(png, name, shape)
+    except ValueError as e:
+      k, j = reader.locate(index)
+      raise BadRecordError(name, reader.paths[k], j, example.get("id"), str(e)) from e
+  return out
 
 
 def encode_label_png(label: np.ndarray) -> bytes:
@@ -412,6 +505,8 @@ class Manifest:
     scheme: fold scheme (one of SCHEMES).
     root: directory holding the manifest (shard paths are relative to it).
     extra: free-form metadata written by the converter (sources, choices made).
+    optional_features: {name: {split: number of records having it}} for the OPTIONAL_FEATURES
+      the dataset stores (empty for none; see also `has_feature`, `records_with`).
   """
   name: str
   classes: list[str]
@@ -421,6 +516,7 @@ class Manifest:
   root: str = ""
   version: int = MANIFEST_VERSION
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+  optional_features: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
   @property
   def num_classes(self) -> int:
@@ -462,12 +558,26 @@ class Manifest:
                           f"images but its shards hold {len(src)} records")
     return src
 
+  def has_feature(self, name: str, split: str | None = None) -> bool:
+    """Whether any record (of `split`, or of any split) stores optional feature `name`."""
+    counts = self.optional_features.get(name, {})
+    if split is None:
+      return any(n > 0 for n in counts.values())
+    self._split(split)
+    return counts.get(split, 0) > 0
+
+  def records_with(self, name: str, split: str) -> list[bool]:
+    """Per record of `split`, in record order: whether it stores optional feature `name`."""
+    return [name in im.get("features", ()) for im in self.images(split)]
+
   def to_json(self) -> dict[str, Any]:
     out = {"name": self.name, "version": self.version, "classes": list(self.classes),
            "folds": {"scheme": self.scheme, "novel": [list(f) for f in self.novel_folds]},
            "splits": self.splits}
     if self.extra:
       out["extra"] = self.extra
+    if self.optional_features:
+      out["optional_features"] = self.optional_features
     return out
 
 
@@ -519,9 +629,29 @@ def manifest_from_json(obj: Any, path: str) -> Manifest:
       for c, n in im["classes"].items():
         _require(c.isdigit() and 1 <= int(c) <= num_classes and isinstance(n, int), path,
                  f"{where}.images[{i}] ({im['id']}) has bad class entry {c!r}: {n!r}")
+      if "features" in im:
+        _require(isinstance(im["features"], list) and
+                 all(f in OPTIONAL_FEATURES for f in im["features"]), path,
+                 f"{where}.images[{i}] ({im['id']}) features must be a list of names from "
+                 f"{OPTIONAL_FEATURES}, got {im['features']!r}")
+  optional = obj.get("optional_features", {})
+  _require(isinstance(optional, dict), path, "'optional_features' must be an object")
+  for name, counts in optional.items():
+    _require(name in OPTIONAL_FEATURES, path,
+             f"optional_features has unknown feature {name!r} (known: {OPTIONAL_FEATURES})")
+    _require(isinstance(counts, dict) and all(s in splits for s in counts), path,
+             f"optional_features.{name} must be an object of split names")
+  for split, body in splits.items():
+    for name in OPTIONAL_FEATURES:
+      have = sum(name in im.get("features", ()) for im in body["images"])
+      n = optional.get(name, {}).get(split, 0)
+      _require(isinstance(n, int) and n == have, path,
+               f"optional_features.{name}.{split} is {n!r} but {have} images of that split "
+               f"list {name!r} in their features")
   return Manifest(name=obj["name"], classes=list(classes), novel_folds=novel, splits=splits,
                   scheme=folds["scheme"], root=os.path.dirname(os.path.abspath(path)),
-                  version=obj["version"], extra=obj.get("extra", {}))
+                  version=obj["version"], extra=obj.get("extra", {}),
+                  optional_features=optional)
 
 
 def load_manifest(dataset_dir: str | os.PathLike) -> Manifest:
@@ -599,6 +729,9 @@ def _example_from_item(item: Mapping[str, Any], num_classes: int, where: str):
   if image_hw != (height, width):
     raise ValueError(f"{where}: image is {image_hw[0]}x{image_hw[1]} but its label is "
                      f"{height}x{width}")
+  extras = {}
+  for name in OPTIONAL_FEATURES:
+    extras[name] = _optional_png(item, name, (height, width), where)
   counts = class_pixel_counts(label)
   bad = [c for c in counts if c > num_classes]
   if bad:
@@ -608,10 +741,42 @@ def _example_from_item(item: Mapping[str, Any], num_classes: int, where: str):
                      "classes; pass uint8")
   record = encode_example(image_bytes=image_bytes, image_format=image_format,
                           image_id=image_id, height=height, width=width,
-                          label_png=label_png, class_pixels=counts)
+                          label_png=label_png, class_pixels=counts,
+                          instance_png=extras["instance"], scribble_png=extras["scribble"])
   meta = {"id": image_id, "height": int(height), "width": int(width),
           "classes": {str(c): n for c, n in counts.items()}}
+  features = [name for name in OPTIONAL_FEATURES if extras[name] is not None]
+  if features:
+    meta["features"] = features
   return record, meta
+
+
+def _optional_png(item: Mapping[str, Any], name: str, shape: tuple[int, int],
+                  where: str) -> bytes | None:
+  """PNG bytes of optional map `name` of a converter item (`name` array or `name_png` bytes,
+  None / absent = not stored), checked to decode to the label's size and dtype."""
+  key, dtypes = _OPTIONAL[name]
+  array, png = item.get(name), item.get(f"{name}_png")
+  if array is not None and png is not None:
+    raise ValueError(f"{where}: item has both {name!r} and {name + '_png'!r}")
+  if array is not None:
+    array = np.asarray(array)
+    if array.ndim != 2 or array.dtype not in dtypes:
+      want = " or ".join(np.dtype(d).name for d in dtypes)
+      raise ValueError(f"{where}: {name} map must be {want} (H, W), got {array.dtype} "
+                       f"{array.shape}")
+    if array.shape != shape:
+      raise ValueError(f"{where}: {name} map is {array.shape[0]}x{array.shape[1]} but its "
+                       f"label is {shape[0]}x{shape[1]}")
+    return encode_label_png(array)
+  if png is None:
+    return None
+  png = bytes(png)
+  try:
+    _decode_optional(png, name, shape)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from e
+  return png
 
 
 def _shard_bounds(n: int, num_shards: int) -> list[int]:
@@ -634,7 +799,9 @@ def write_dataset(out_dir: str | os.PathLike, *, name: str, classes: Iterable[st
     out_dir: output directory (created).
     name, classes, novel_folds, scheme: manifest fields (classes[k] names id k+1).
     splits: split name -> iterable of items, each a dict with image_bytes, id, and either
-      label (uint8 (H, W)) or label_png; image_format optional (sniffed). Record order is
+      label (uint8 (H, W)) or label_png; image_format optional (sniffed); optionally, per
+      OPTIONAL_FEATURES name, the map (`instance` uint8/uint16, `scribble` uint8, (H, W) like
+      the label) or its PNG (`instance_png`, `scribble_png`); None or absent = not stored. Record order is
       iteration order. Sized iterables are written straight to contiguous shards; others go
       through one temporary file that is then cut into shards.
     num_shards: shards per split (an int for all, or a dict; missing splits get 1); capped at
@@ -662,6 +829,7 @@ def write_dataset(out_dir: str | os.PathLike, *, name: str, classes: Iterable[st
   renames: list[tuple[str, str]] = []  # (tmp path, final path)
   temps: list[str] = []
   manifest_splits = {}
+  optional: dict[str, dict[str, int]] = {}
   try:
     for split, items in splits.items():
       want = num_shards.get(split, 1) if isinstance(num_shards, Mapping) else num_shards
@@ -714,10 +882,16 @@ def write_dataset(out_dir: str | os.PathLike, *, name: str, classes: Iterable[st
         os.remove(single)
       bar.close()
       manifest_splits[split] = {"files": files, "images": metas}
+      for feature in OPTIONAL_FEATURES:
+        have = sum(feature in m.get("features", ()) for m in metas)
+        if have:
+          optional.setdefault(feature, {})[split] = have
 
     manifest = Manifest(name=name, classes=classes, novel_folds=novel_folds,
                         splits=manifest_splits, scheme=scheme, root=out_dir,
-                        extra=dict(extra or {}))
+                        extra=dict(extra or {}),
+                        optional_features={f: {s: n for s, n in c.items()}
+                                           for f, c in optional.items()})
     manifest_from_json(json.loads(json.dumps(manifest.to_json())), manifest.path)
     for tmp, final in renames:
       os.replace(tmp, final)
