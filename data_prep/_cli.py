@@ -6,6 +6,9 @@ def report(manifest) -> None:
   """Prints where the manifest went and how many images each split holds."""
   print(f"wrote {manifest.path}: " + ", ".join(
       f"{s} {len(manifest.images(s))} images" for s in manifest.splits))
+  for name, counts in manifest.optional_features.items():
+    print(f"  with {name} maps: " + ", ".join(
+        f"{s} {counts.get(s, 0)} of {len(manifest.images(s))}" for s in manifest.splits))
 
 
 def run(main) -> None:

@@ -101,7 +101,10 @@ def make_voc_sbd(root, rng, *, with_aug=False):
   s0..s3 SBD only (s0, s1 train; s2, s3 val), b0 in VOC train and SBD train (labels differ).
 
   Returns dict with voc_root, sbd_root, aug_root (if with_aug), and truth: id -> expected
-  label for the converter's default choice, lists.
+  label for the converter's default choice, lists. Instance maps are written too
+  (VOC SegmentationObject/<id>.png palette PNGs with VOC's 255 borders, SBD inst/<id>.mat
+  GTinst structs): each 8-connected component of each class of the image's label from that
+  source is one instance (`instances_of`); truth in voc_instances / sbd_instances.
   """
   import scipy.io  # pylint: disable=g-import-not-at-top
 
@@ -111,7 +114,7 @@ def make_voc_sbd(root, rng, *, with_aug=False):
   voc_val = ["w0", "w1", "w2"]
   sbd_train = ["s0", "s1", "w0", "b0"]
   sbd_val = ["s2", "s3", "w1"]
-  voc_labels, sbd_labels = {}, {}
+  voc_labels, sbd_labels, voc_instances, sbd_instances = {}, {}, {}, {}
   all_ids = sorted(set(voc_train + voc_val + sbd_train + sbd_val))
   for k, i in enumerate(all_ids):
     h, w = 20 + 2 * k, 24 + k
@@ -121,6 +124,9 @@ def make_voc_sbd(root, rng, *, with_aug=False):
       lab = random_label(rng, h, w, classes, ignore_border=True)
       voc_labels[i] = lab
       _write(os.path.join(voc, "SegmentationClass", f"{i}.png"), palette_png_bytes(lab))
+      voc_instances[i] = instances_of(lab)
+      _write(os.path.join(voc, "SegmentationObject", f"{i}.png"),
+             palette_png_bytes(voc_instances[i]))
     if i in sbd_train or i in sbd_val:
       lab = random_label(rng, h, w, rng.choice(np.arange(1, 21), size=2, replace=False))
       sbd_labels[i] = lab
@@ -128,11 +134,17 @@ def make_voc_sbd(root, rng, *, with_aug=False):
       scipy.io.savemat(os.path.join(sbd, "cls", f"{i}.mat"), {
           "GTcls": {"Segmentation": lab, "Boundaries": np.zeros((1,), object),
                     "CategoriesPresent": np.unique(lab[lab > 0]).astype(np.uint8)}})
+      sbd_instances[i] = instances_of(lab)
+      os.makedirs(os.path.join(sbd, "inst"), exist_ok=True)
+      scipy.io.savemat(os.path.join(sbd, "inst", f"{i}.mat"), {
+          "GTinst": {"Segmentation": sbd_instances[i], "Boundaries": np.zeros((1,), object),
+                     "Categories": np.zeros((1,), np.uint8)}})
   _write_list(os.path.join(voc, "ImageSets", "Segmentation", "train.txt"), voc_train)
   _write_list(os.path.join(voc, "ImageSets", "Segmentation", "val.txt"), voc_val)
   _write_list(os.path.join(sbd, "train.txt"), sbd_train)
   _write_list(os.path.join(sbd, "val.txt"), sbd_val)
   out = {"voc_root": voc, "sbd_root": sbd, "voc_labels": voc_labels, "sbd_labels": sbd_labels,
+         "voc_instances": voc_instances, "sbd_instances": sbd_instances,
          "voc_train": voc_train, "voc_val": voc_val, "sbd_train": sbd_train,
          "sbd_val": sbd_val}
   if with_aug:
@@ -145,6 +157,22 @@ def make_voc_sbd(root, rng, *, with_aug=False):
     out["aug_root"] = aug
     out["aug_labels"] = aug_labels
   return out
+
+
+def instances_of(label: np.ndarray) -> np.ndarray:
+  """uint8 instance map of a class map: the 8-connected components of each class (ascending),
+  numbered 1, 2, ... (cv2's component order within a class), 255 where the label is 255."""
+  inst = np.zeros(label.shape, np.uint8)
+  n = 0
+  for c in np.unique(label):
+    if c in (0, 255):
+      continue
+    count, comp = cv2.connectedComponents((label == c).astype(np.uint8), connectivity=8)
+    for k in range(1, count):
+      n += 1
+      inst[comp == k] = n
+  inst[label == 255] = 255
+  return inst
 
 
 # ----------------------------------------------------------------------------- COCO

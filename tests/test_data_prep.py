@@ -127,6 +127,113 @@ def test_pascal_size_mismatch_named(voc, tmp_path):
   assert not os.path.exists(tmp_path / "o" / "manifest.json")
 
 
+def _extras(manifest, split):
+  """id -> {"instance": array or None, "scribble": array or None} of a converted split."""
+  out = {}
+  reader = manifest.source(split).reader
+  for i, meta in enumerate(manifest.images(split)):
+    ex, _, label = schema.read_record(reader, i)
+    out[ex["id"]] = schema.read_extras(reader, i, ex, label.shape)
+  return out
+
+
+def test_pascal_instances_follow_the_label_source(voc, tmp_path):
+  m = pascal5i.main(["--voc_root", voc["voc_root"], "--sbd_root", voc["sbd_root"],
+                     "--out_dir", str(tmp_path / "a"), "--instances", "--no_progress"])
+  m = schema.load_manifest(tmp_path / "a")
+  n_train, n_val = len(m.images("train")), len(m.images("val"))
+  assert m.optional_features == {"instance": {"train": n_train, "val": n_val}}
+  assert m.records_with("instance", "train") == [True] * n_train
+  assert "SegmentationObject" in m.extra["instances"]
+  train, val = _extras(m, "train"), _extras(m, "val")
+  for i, ex in train.items():  # SBD's instance map where SBD gave the label, VOC's otherwise
+    want = voc["sbd_instances"][i] if i in voc["sbd_labels"] else voc["voc_instances"][i]
+    np.testing.assert_array_equal(ex["instance"], want, err_msg=i)
+    assert ex["scribble"] is None
+  assert not np.array_equal(train["b0"]["instance"], voc["voc_instances"]["b0"])
+  for i, ex in val.items():
+    np.testing.assert_array_equal(ex["instance"], voc["voc_instances"][i], err_msg=i)
+    assert (ex["instance"] == 255).any()  # VOC's borders kept
+  m = pascal5i.convert(voc_root=voc["voc_root"], sbd_root=voc["sbd_root"],
+                       out_dir=str(tmp_path / "b"), instances=True, prefer_voc_labels=True,
+                       progress=False)
+  np.testing.assert_array_equal(_extras(m, "train")["b0"]["instance"],
+                                voc["voc_instances"]["b0"])
+  # The labels are those of a conversion without instance maps.
+  plain = pascal5i.convert(voc_root=voc["voc_root"], sbd_root=voc["sbd_root"],
+                           out_dir=str(tmp_path / "c"), progress=False)
+  assert plain.optional_features == {} and "instances" not in plain.extra
+  assert [im["classes"] for im in plain.images("train")] == [
+      im["classes"] for im in schema.load_manifest(tmp_path / "a").images("train")]
+
+
+def test_pascal_inst_root_and_scribble_dir(voc, tmp_path):
+  inst_root, scr_dir = tmp_path / "SegmentationObjectAug", tmp_path / "ScribbleAugAuto"
+  want_inst, want_scr = {}, {}
+  for k, (i, lab) in enumerate(sorted(voc["aug_labels"].items())):
+    inst = datagen.instances_of(lab)
+    want_inst[i] = inst
+    if k % 2:  # palette PNGs (as PANet's SegmentationObjectAug) and grayscale ones
+      datagen._write(str(inst_root / f"{i}.png"), datagen.palette_png_bytes(inst))
+    else:
+      datagen.write_png(str(inst_root / f"{i}.png"), inst)
+    if k % 3 != 2:  # some images have no scribble file
+      scr = np.full(lab.shape, 255, np.uint8)
+      scr[0, :3] = 0
+      scr[lab == lab.max()] = 1
+      want_scr[i] = scr
+      datagen._write(str(scr_dir / f"{i}.png"), datagen.palette_png_bytes(scr))
+  with pytest.raises(ValueError, match="need --inst_root"):
+    pascal5i.convert(voc_root=voc["voc_root"], aug_root=voc["aug_root"], instances=True,
+                     out_dir=str(tmp_path / "o"), progress=False)
+  m = pascal5i.main(["--voc_root", voc["voc_root"], "--aug_root", voc["aug_root"],
+                     "--inst_root", str(inst_root), "--scribble_dir", str(scr_dir),
+                     "--out_dir", str(tmp_path / "o"), "--no_progress"])
+  m = schema.load_manifest(tmp_path / "o")
+  for split in ("train", "val"):
+    got = _extras(m, split)
+    for i, ex in got.items():
+      np.testing.assert_array_equal(ex["instance"], want_inst[i], err_msg=i)
+      if i in want_scr:
+        np.testing.assert_array_equal(ex["scribble"], want_scr[i], err_msg=i)
+      else:
+        assert ex["scribble"] is None, i
+    n = sum(i in want_scr for i in got)
+    assert 0 < n < len(got)
+    assert m.optional_features["scribble"][split] == n == m.extra["scribbles"][split]
+    assert m.records_with("scribble", split) == [im["id"] in want_scr
+                                                 for im in m.images(split)]
+  assert m.extra["instances"] == str(inst_root)
+
+
+def test_pascal_optional_map_errors_named(voc, tmp_path):
+  import shutil
+  root = tmp_path / "VOC2012"
+  shutil.copytree(voc["voc_root"], root)
+  os.remove(root / "SegmentationObject" / "v1.png")
+  with pytest.raises(FileNotFoundError, match=r"train instance files missing.*v1\.png"):
+    pascal5i.convert(voc_root=str(root), sbd_root=voc["sbd_root"], instances=True,
+                     out_dir=str(tmp_path / "o"), progress=False)
+  scr = tmp_path / "scr"
+  os.makedirs(scr)
+  (scr / "unrelated.png").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="holds no <id>.png"):
+    pascal5i.convert(voc_root=voc["voc_root"], sbd_root=voc["sbd_root"],
+                     scribble_dir=str(scr), out_dir=str(tmp_path / "o"), progress=False)
+  datagen.write_png(str(scr / "w2.png"), np.zeros((4, 4), np.uint8))
+  with pytest.raises(ValueError, match=r"'w2'.*scribble map is 4x4"):
+    pascal5i.convert(voc_root=voc["voc_root"], sbd_root=voc["sbd_root"],
+                     scribble_dir=str(scr), out_dir=str(tmp_path / "o"), progress=False)
+  h, w = voc["voc_labels"]["w2"].shape
+  datagen.write_png(str(scr / "w2.png"), np.dstack([np.zeros((h, w), np.uint8),
+                                                   np.ones((h, w), np.uint8),
+                                                   np.zeros((h, w), np.uint8)]))
+  with pytest.raises(ValueError, match=r"w2\.png: colour label image"):
+    pascal5i.convert(voc_root=voc["voc_root"], sbd_root=voc["sbd_root"],
+                     scribble_dir=str(scr), out_dir=str(tmp_path / "o"), progress=False)
+  assert not os.path.exists(tmp_path / "o" / "manifest.json")
+
+
 # ----------------------------------------------------------------------------- COCO
 
 
