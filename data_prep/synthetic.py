@@ -32,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> schema.Manifest | None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--image_format", choices=("jpeg", "png"), default="jpeg")
   parser.add_argument("--shards", type=int, default=2, help="shards per split")
+  parser.add_argument("--instances", action="store_true",
+                      help="also store each scene's instance map (for PANet's box supports)")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                       help="render processes (0: in this process)")
   parser.add_argument("--preview", help="also write a PNG grid of 12 train scenes with "
@@ -46,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> schema.Manifest | None:
     manifest = synthetic.write_synthetic_dataset(
         args.out_dir, num_train=args.num_train, num_val=args.num_val,
         image_size=args.image_size, seed=args.seed, image_format=args.image_format,
-        workers=args.workers, num_shards=args.shards, progress=not args.no_progress)
+        workers=args.workers, num_shards=args.shards, progress=not args.no_progress,
+        instances=args.instances)
     print(f"wrote {args.num_train} train + {args.num_val} val scenes to {args.out_dir} "
           f"in {time.time() - start:.1f} s")
   if args.preview:

@@ -262,6 +262,31 @@ def test_check_dataset_finds_every_problem_kind(data_dir):
   assert "... and 1 more" in out.stdout
 
 
+def test_check_dataset_optional_maps(tmp_path):
+  from fss_jax.data import check as check_lib
+  out = str(tmp_path / "data")
+  synthetic.write_synthetic_dataset(out, num_train=4, num_val=2, image_size=64, seed=1,
+                                    instances=True)
+  assert check_lib.check_dataset(out).ok
+  # train 1: an instance map of the wrong size; train 2: its instance map dropped (the
+  # manifest still lists it).
+  for index, instance_png in ((1, schema.encode_label_png(np.zeros((3, 3), np.uint8))),
+                              (2, None)):
+    path, j, rec = _locate(out, "train", index)
+    ex = schema.decode_example(rec)
+    _replace_record(path, j, schema.encode_example(
+        image_bytes=ex["image_bytes"], image_format=ex["image_format"], image_id=ex["id"],
+        height=ex["height"], width=ex["width"], label_png=ex["label_png"],
+        class_pixels=ex["class_pixels"], instance_png=instance_png))
+  report = check_lib.check_dataset(out)
+  assert report.counts == {"instance": 1, "manifest": 1}, report.counts
+  by_kind = {p.kind: p for p in report.problems}
+  assert by_kind["instance"].image_id == "train_000001"
+  assert "instance/encoded is 3x3 but the label is" in str(by_kind["instance"])
+  assert ".tfrecord record " in str(by_kind["instance"])
+  assert "optional features [] vs manifest ['instance']" in by_kind["manifest"].detail
+
+
 # ----------------------------------------------------------------------------- scale trap
 
 

@@ -112,6 +112,45 @@ def test_write_dataset_roundtrip_png(tmp_path):
                             "image_format": "png"}
 
 
+def test_scene_instance_maps():
+  seen_two_of_a_class = False
+  for i in range(30):
+    scene = S.render_scene(0, "train", i, 120)
+    inst, label = scene.instance, scene.label
+    assert inst.dtype == np.uint8 and inst.shape == label.shape
+    np.testing.assert_array_equal(inst == 255, label == 255)  # the same ignore band
+    np.testing.assert_array_equal(inst == 0, label == 0)
+    for k in set(np.unique(inst).tolist()) - {0, 255}:
+      assert 1 <= k <= len(scene.objects)
+      assert (label[inst == k] == scene.objects[k - 1]).all(), (i, k)
+    ids = set(np.unique(inst).tolist()) - {0, 255}
+    seen_two_of_a_class |= len(ids) > len(set(np.unique(label).tolist()) - {0, 255})
+  assert seen_two_of_a_class  # instances separate objects of one class
+
+
+def test_dataset_with_instances(tmp_path):
+  manifest = S.write_synthetic_dataset(str(tmp_path / "a"), num_train=3, num_val=2,
+                                       image_size=97, seed=9, instances=True)
+  assert manifest.optional_features == {"instance": {"train": 3, "val": 2}}
+  reader = manifest.source("val").reader
+  for i in range(2):
+    ex, _, label = schema.read_record(reader, i)
+    scene = S.render_scene(9, "val", i, 97)
+    np.testing.assert_array_equal(label, scene.label)  # the scenes are unchanged
+    np.testing.assert_array_equal(schema.read_extras(reader, i, ex, label.shape)["instance"],
+                                  scene.instance)
+  with open(tmp_path / "a" / S.GENERATOR_FILE) as f:
+    assert json.load(f)["instances"] is True
+  plain = S.write_synthetic_dataset(str(tmp_path / "b"), num_train=1, num_val=1,
+                                    image_size=97, seed=9)
+  assert plain.optional_features == {}
+  with open(tmp_path / "b" / S.GENERATOR_FILE) as f:
+    assert "instances" not in json.load(f)  # settings of datasets made before the option
+  synthetic_cli.main([f"--out_dir={tmp_path / 'c'}", "--num_train=1", "--num_val=1",
+                      "--image_size=97", "--workers=0", "--instances", "--no_progress"])
+  assert schema.load_manifest(str(tmp_path / "c")).has_feature("instance", "train")
+
+
 def test_cli_writes_dataset_and_preview(tmp_path):
   out, preview = tmp_path / "ds", tmp_path / "preview.png"
   synthetic_cli.main([f"--out_dir={out}", "--num_train=3", "--num_val=2",

@@ -109,10 +109,15 @@ class Scene:
     image: uint8 (H, W, 3) RGB.
     label: uint8 (H, W): 0 background, 1..NUM_CLASSES, 255 ignore (boundary band).
     objects: class ids of the pasted objects, in paste order (later ones on top).
+    instance: uint8 (H, W) instance map: k + 1 on the visible pixels of objects[k], 0 on the
+      background, 255 on the label's ignore band (as VOC's SegmentationObject); an object
+      fully occluded (or too small to paint) has no pixel. Nonzero exactly where the label
+      is a class, and there instance k + 1 has class objects[k].
   """
   image: np.ndarray
   label: np.ndarray
   objects: tuple[int, ...]
+  instance: np.ndarray | None = None
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -267,8 +272,10 @@ def _shape_mask(shape_name: str, u: np.ndarray, v: np.ndarray, to_region,
 
 
 def _paint_object(image: np.ndarray, label: np.ndarray, class_id: int,
-                  rng: np.random.Generator) -> None:
-  """Pastes one instance of class_id in place (occluding what is below)."""
+                  rng: np.random.Generator, instance: np.ndarray | None = None,
+                  instance_id: int = 0) -> None:
+  """Pastes one instance of class_id in place (occluding what is below); its pixels get
+  instance_id in `instance` when given (no effect on the random stream)."""
   spec = CLASSES[class_id - 1]
   h, w = label.shape
   short = min(h, w)
@@ -303,6 +310,8 @@ def _paint_object(image: np.ndarray, label: np.ndarray, class_id: int,
   colour = _mix(t, dark, bright, shade)
   np.copyto(image[y0:y1, x0:x1], colour, where=mask[..., None])
   label[y0:y1, x0:x1][mask] = class_id
+  if instance is not None:
+    instance[y0:y1, x0:x1][mask] = instance_id
 
 
 def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -339,8 +348,9 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _strokes(image: np.ndarray, label: np.ndarray | None, count: int,
-             rng: np.random.Generator) -> None:
-  """Thin random polylines of any colour; their pixels become background in label."""
+             rng: np.random.Generator, instance: np.ndarray | None = None) -> None:
+  """Thin random polylines of any colour; their pixels become background in label (and 0 in
+  instance)."""
   h, w = image.shape[:2]
   for _ in range(count):
     n = int(rng.integers(2, 5))
@@ -351,6 +361,8 @@ def _strokes(image: np.ndarray, label: np.ndarray | None, count: int,
     cv2.polylines(image, [pts], False, colour.tolist(), thickness, cv2.LINE_AA)
     if label is not None:
       cv2.polylines(label, [pts], False, 0, thickness, cv2.LINE_8)
+    if instance is not None:
+      cv2.polylines(instance, [pts], False, 0, thickness, cv2.LINE_8)
 
 
 def render_scene(seed: int, split: str, index: int,
@@ -364,7 +376,7 @@ def render_scene(seed: int, split: str, index: int,
     image_size: longer side in pixels; the shorter side is 75-100% of it, orientation
       random.
   Returns:
-    Scene with image uint8 (H, W, 3) RGB and label uint8 (H, W).
+    Scene with image uint8 (H, W, 3) RGB, label uint8 (H, W) and its instance map.
   """
   rng = scene_rng(seed, split, index)
   long_side = int(image_size)
@@ -372,24 +384,28 @@ def render_scene(seed: int, split: str, index: int,
   h, w = (long_side, short_side) if rng.random() < 0.4 else (short_side, long_side)
   image = _background(h, w, rng)
   label = np.zeros((h, w), np.uint8)
+  instance = np.zeros((h, w), np.uint8)
   num_objects = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
   objects = tuple(int(c) for c in rng.integers(1, NUM_CLASSES + 1, num_objects))
-  for class_id in objects:
-    _paint_object(image, label, class_id, rng)
-  _strokes(image, label, int(rng.integers(0, 3)), rng)
+  for k, class_id in enumerate(objects):
+    _paint_object(image, label, class_id, rng, instance, k + 1)
+  _strokes(image, label, int(rng.integers(0, 3)), rng, instance)
   image += 3.0 * rng.standard_normal(image.shape, dtype=np.float32)
   # VOC-style ignore band on every label boundary.
   kernel = np.ones((3, 3), np.uint8)
   band = cv2.dilate(label, kernel) != cv2.erode(label, kernel)
   label[band] = 255
-  return Scene(np.clip(np.round(image), 0, 255).astype(np.uint8), label, objects)
+  instance[band] = 255
+  return Scene(np.clip(np.round(image), 0, 255).astype(np.uint8), label, objects, instance)
 
 
 # ----------------------------------------------------------------------------- records
 
 
-def encode_scene(scene: Scene, scene_id: str, image_format: str = "jpeg") -> dict:
-  """Scene -> an example dict for schema.write_dataset (JPEG quality 90 or PNG)."""
+def encode_scene(scene: Scene, scene_id: str, image_format: str = "jpeg",
+                 instances: bool = False) -> dict:
+  """Scene -> an example dict for schema.write_dataset (JPEG quality 90 or PNG); with
+  `instances`, the instance map too (the records' optional instance/encoded feature)."""
   bgr = cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR)
   if image_format == "jpeg":
     ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -399,24 +415,28 @@ def encode_scene(scene: Scene, scene_id: str, image_format: str = "jpeg") -> dic
     raise ValueError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
   if not ok:
     raise RuntimeError(f"encoding scene {scene_id} failed")
-  return {"image_bytes": buf.tobytes(), "image_format": image_format, "id": scene_id,
+  item = {"image_bytes": buf.tobytes(), "image_format": image_format, "id": scene_id,
           "label": scene.label}
+  if instances:
+    item["instance"] = scene.instance
+  return item
 
 
 def _render_encoded(args) -> dict:
-  seed, split, index, image_size, image_format = args
+  seed, split, index, image_size, image_format, instances = args
   scene = render_scene(seed, split, index, image_size)
-  return encode_scene(scene, f"{split}_{index:06d}", image_format)
+  return encode_scene(scene, f"{split}_{index:06d}", image_format, instances)
 
 
 def generate_split(seed: int, split: str, num: int,
                    image_size: int = DEFAULT_IMAGE_SIZE, image_format: str = "jpeg",
-                   workers: int = 0) -> Iterator[dict]:
-  """Yields encoded example dicts for scenes 0..num-1 of split, in order.
+                   workers: int = 0, instances: bool = False) -> Iterator[dict]:
+  """Yields encoded example dicts for scenes 0..num-1 of split, in order (with `instances`,
+  each with its instance map).
 
   workers > 0 renders in a process pool; the output is identical for any worker count.
   """
-  jobs = ((seed, split, i, image_size, image_format) for i in range(num))
+  jobs = ((seed, split, i, image_size, image_format, instances) for i in range(num))
   if workers <= 0:
     yield from map(_render_encoded, jobs)
     return
@@ -430,10 +450,13 @@ def generate_split(seed: int, split: str, num: int,
 def write_synthetic_dataset(out_dir: str, *, num_train: int = 2000, num_val: int = 500,
                             image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0,
                             image_format: str = "jpeg", workers: int = 0,
-                            num_shards: int = 2, progress: bool = False):
+                            num_shards: int = 2, progress: bool = False,
+                            instances: bool = False):
   """Writes the procedural dataset as TFRecord shards + manifest.json.
 
-  Also writes ``generator.json`` with the generation settings.
+  Also writes ``generator.json`` with the generation settings. With `instances`, every record
+  also stores its instance map (each pasted object one instance; schema's optional
+  instance/encoded feature); the scenes themselves do not change.
 
   Returns:
     The schema.Manifest written.
@@ -442,8 +465,9 @@ def write_synthetic_dataset(out_dir: str, *, num_train: int = 2000, num_val: int
 
   splits = {
       "train": generate_split(seed, "train", num_train, image_size, image_format,
-                              workers),
-      "val": generate_split(seed, "val", num_val, image_size, image_format, workers),
+                              workers, instances),
+      "val": generate_split(seed, "val", num_val, image_size, image_format, workers,
+                            instances),
   }
   manifest = schema.write_dataset(
       out_dir, name="synthetic", classes=list(CLASS_NAMES),
@@ -452,6 +476,8 @@ def write_synthetic_dataset(out_dir: str, *, num_train: int = 2000, num_val: int
   # The settings that determine the scenes, so a cache can be checked against a config.
   settings = {"num_train": int(num_train), "num_val": int(num_val),
               "image_size": int(image_size), "seed": int(seed), "image_format": image_format}
+  if instances:  # only when set, so datasets generated before the option compare equal
+    settings["instances"] = True
   with open(os.path.join(out_dir, GENERATOR_FILE), "w") as f:
     json.dump(settings, f)
   return manifest
