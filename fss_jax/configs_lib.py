@@ -240,6 +240,58 @@ def set_backbone(config: ml_collections.ConfigDict, family: str,
   return config
 
 
+PANET_ARGS = {"fold": 0, "shot": 1, "way": 1, "align": True}
+
+
+def panet_task(config: ml_collections.ConfigDict,
+               args: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """PANet's arguments (``PANET_ARGS``: fold, shot, way, align) and its transform, in place."""
+  config.data.fold = int(args["fold"])
+  config.data.shot = int(args["shot"])
+  config.data.way = int(args["way"])
+  config.data.transform = "panet"
+  config.model.align = bool(args["align"])
+  return config
+
+
+def panet_settings(config: ml_collections.ConfigDict,
+                   args: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """PANet's official recipe (kaixin96/PANet ``config.py``, ``train.py``; reference_panet.md
+  §2, §8, §9), in place, with the parsed ``fold``, ``shot``, ``way``, ``align`` arguments:
+  its VGG-16 trained whole, 417² resize + flip, batch 1 episode, SGD lr 1e-3 momentum 0.9 weight
+  decay 5e-4 (biases too), ×0.1 at 10k and 20k updates (MultiStepLR), 30k updates, seed 1234,
+  PAR weight 1 (``align=false``: the "w/o PAR" ablation), the 'panet' evaluation protocol.
+
+  Class lists: PANet's per-class image lists hold every image with the class, so
+  ``data.min_class_pixels`` is 1 (fss_jax's default 2048 is PFENet's). The in-training
+  evaluation (every 10k updates, at PANet's snapshot steps) scores ``data.eval_episodes``
+  episodes of the validation split; PANet reports its last snapshot, so ``train.select_on``
+  does not matter for the final step but does pick the "best" checkpoint that
+  ``scripts/evaluate.py --workdir`` reads by default (pass ``--step=latest`` for PANet's)."""
+  panet_task(config, args)
+  config.data.image_size = 417
+  config.data.train_batch_size = 1
+  config.data.eval_batch_size = 1
+  config.data.min_class_pixels = 1
+  config.data.seed = 1234
+  config.train.seed = 1234
+  config.eval.protocol = "panet"
+  config.model.backbone = "vgg16_panet"
+  config.train.frozen_keys = ()
+  config.train.epochs = 0
+  config.train.total_steps = 30000
+  config.train.lr = 1e-3
+  config.train.momentum = 0.9
+  config.train.weight_decay = 5e-4
+  config.train.schedule = "multistep"
+  config.train.milestones = (10000, 20000, 30000)
+  config.train.gamma = 0.1
+  config.train.eval_every = 10000
+  config.train.eval_every_epochs = 0
+  config.train.checkpoint_every = 10000
+  return config
+
+
 def synthetic_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The procedural-dataset default run (in place): 97² episodes generated on first use, a small
   ResNet trained from scratch with the head (BN in batch-statistics mode), relative FEM bins,
@@ -255,8 +307,9 @@ def synthetic_settings(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config.data.synthetic = ml_collections.ConfigDict(dict(
       num_train=2000, num_val=500, source_size=128, seed=0))
   set_backbone(config, "resnet_small")
-  config.model.bins = (1.0, 0.5, 0.25, 0.125)
-  config.model.reduce_dim = 64
+  if "bins" in config.model:  # the FEM models' head
+    config.model.bins = (1.0, 0.5, 0.25, 0.125)
+    config.model.reduce_dim = 64
   config.model.bn_mode = "batch_stats"
   config.train.epochs = 0
   config.train.total_steps = 1500
@@ -284,8 +337,9 @@ def tiny_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   config.data.synthetic = ml_collections.ConfigDict(dict(
       num_train=24, num_val=12, source_size=80, seed=0))
   set_backbone(config, "resnet_small")
-  config.model.bins = (1.0, 0.5)
-  config.model.reduce_dim = 16
+  if "bins" in config.model:  # the FEM models' head
+    config.model.bins = (1.0, 0.5)
+    config.model.reduce_dim = 16
   config.model.bn_mode = "batch_stats"
   config.train.epochs = 0
   config.train.total_steps = 4

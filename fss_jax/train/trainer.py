@@ -177,12 +177,13 @@ def _train_and_evaluate(config, workdir: str, step_hook) -> dict:
   scale_msg = dataset_dir_lib.scale_warning(config, manifest)  # before any costly set-up
   if scale_msg:
     log(scale_msg)
+  way = int(d.get("way", 1))
   sampler = episodes_lib.train_sampler_for_fold(manifest, d.train_split, d.fold, d.shot,
-                                                d.min_class_pixels)
+                                                d.min_class_pixels, way)
   plan = Plan(config, len(sampler))
   log(f"fss_jax: {jax.process_count()} process(es), {jax.device_count()} "
       f"{jax.devices()[0].platform} device(s); dataset {dataset_dir} fold {d.fold} "
-      f"{d.shot}-shot; {len(sampler)} training queries, {plan.total_steps} steps "
+      f"{f'{way}-way ' if way > 1 else ''}{d.shot}-shot; {len(sampler)} training queries, {plan.total_steps} steps "
       f"(batch {d.train_batch_size}, {plan.steps_per_epoch} steps/epoch)")
 
   # ---- model, optimiser, state ----
@@ -212,7 +213,7 @@ def _train_and_evaluate(config, workdir: str, step_hook) -> dict:
       jax.process_index(), jax.process_count(), int(d.num_workers), split=d.train_split,
       aug=dataset_dir_lib.train_aug(config), min_pixels=int(d.min_class_pixels),
       read_threads=int(d.read_threads),
-      skip_bad_records=bool(d.get("skip_bad_records", False)), way=int(d.get("way", 1)))
+      skip_bad_records=bool(d.get("skip_bad_records", False)), way=way)
   train_iter = iter(train_ds)
 
   # In-training selection: cheap and protocol-independent. The final evaluation: the protocol.
