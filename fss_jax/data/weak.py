@@ -68,7 +68,7 @@ def box_support_label(instance: np.ndarray | None, own: np.ndarray) -> np.ndarra
 
   Official rule (from the code), with fg_mask = the dense own-class mask of the support:
     1. instance ids outside the own-class mask are zeroed (`inst_mask[fg_mask == 0] = 0`);
-    2. the chosen instance is `bincount(inst).[1:].argmax() + 1`: the id >= 1 with the most
+    2. the chosen instance is `bincount(inst)[1:].argmax() + 1`: the id >= 1 with the most
        pixels inside the own mask (ties: the smallest id, numpy's and torch's first maximum);
     3. fg = 1 inside the chosen instance's tight inclusive box;
     4. bg = 1 everywhere except inside the tight boxes of ALL ids left in step 1
