@@ -256,7 +256,10 @@ def medial_axis(mask: np.ndarray) -> np.ndarray:
   """
   img = np.pad(np.asarray(mask, bool), 1).astype(np.uint8)
   width = img.shape[1]
-  dist = cv2.distanceTransform(img, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+  # The exact Euclidean distance is the root of an integer; OpenCV's parallel transform returns
+  # it with run-to-run noise (~2e-6), which would reorder ties: sort on the rounded square.
+  dist = np.rint(np.square(cv2.distanceTransform(img, cv2.DIST_L2, cv2.DIST_MASK_PRECISE,
+                                                 dstType=cv2.CV_32F).astype(np.float64)))
   count = cv2.boxFilter(img, cv2.CV_16S, (3, 3), normalize=False,
                         borderType=cv2.BORDER_CONSTANT)
   flat = img.reshape(-1)
