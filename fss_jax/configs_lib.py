@@ -113,6 +113,11 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
   # evaluation resize; 'panet': PANet's (resize to image_size x image_size, flip; evaluation
   # resize without padding). fss_jax/data/transforms.py.
   c.data.transform = "fss"
+  # Evaluation supports: 'dense' masks, or PANet's weak supports 'box' (the largest own-class
+  # instance's box; datasets converted with instance maps) or 'scribble' (the records' scribble
+  # maps, else generated per episode; fss_jax/data/weak.py). Training always uses dense masks.
+  c.data.support_annotation = "dense"
+  c.data.scribble_dilation = 0         # PANet's DilateScribble window (0: none, its default)
   c.data.eval_shot = 0                 # > 0: evaluation shots (PFENet: 1-shot model at 5 shots)
   c.data.image_size = 473              # 8k+1; train crop and evaluation canvas
   c.data.train_batch_size = 4          # global (over all processes)
@@ -305,7 +310,8 @@ def synthetic_settings(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config.data.eval_episodes = 200
   config.data.min_class_pixels = 64
   config.data.synthetic = ml_collections.ConfigDict(dict(
-      num_train=2000, num_val=500, source_size=128, seed=0))
+      num_train=2000, num_val=500, source_size=128, seed=0,
+      instances=False))  # True: instance maps too (box supports; another cache)
   set_backbone(config, "resnet_small")
   if "bins" in config.model:  # the FEM models' head
     config.model.bins = (1.0, 0.5, 0.25, 0.125)
@@ -335,7 +341,7 @@ def tiny_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   config.data.eval_episodes = 4
   config.data.min_class_pixels = 16
   config.data.synthetic = ml_collections.ConfigDict(dict(
-      num_train=24, num_val=12, source_size=80, seed=0))
+      num_train=24, num_val=12, source_size=80, seed=0, instances=False))
   set_backbone(config, "resnet_small")
   if "bins" in config.model:  # the FEM models' head
     config.model.bins = (1.0, 0.5)
@@ -399,6 +405,8 @@ def validate_config(config: ml_collections.ConfigDict, num_folds: int = 4) -> No
     bad("data.way", d.way, "must be >= 1")
   if d.get("way", 1) > 1 and not getattr(registry.get(m.name), "N_WAY", False):
     bad("data.way", d.way, f"model {m.name!r} is 1-way (N-way episodes: model.name='panet')")
+  if d.get("support_annotation", "dense") not in ("dense", "box", "scribble"):
+    bad("data.support_annotation", d.support_annotation, "must be 'dense', 'box' or 'scribble'")
   transform = d.get("transform", "fss")
   if transform not in ("fss", "panet"):
     bad("data.transform", transform, "must be 'fss' or 'panet'")

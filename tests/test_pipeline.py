@@ -10,6 +10,7 @@ from fss_jax.data import pipeline as P
 from fss_jax.data import schema
 from fss_jax.data import synthetic
 from fss_jax.data import transforms
+from fss_jax.data import weak
 
 SIZE = 65
 # 97-px scenes are ~5x smaller than VOC images; scale the eligibility threshold with them.
@@ -324,3 +325,80 @@ def test_stretch_resize_and_flip():
     np.testing.assert_array_equal(i2, img[:, ::-1] if flip else img)
   with pytest.raises(ValueError, match="original-size labels"):
     P.eval_dataset("unused", 0, 1, 17, 0, 1, 1, original_label=True, resize="stretch")
+
+
+# ----------------------------------------------------------------------------- weak supports
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("synthetic_instances")
+  synthetic.write_synthetic_dataset(str(out), num_train=10, num_val=40, image_size=97, seed=3,
+                                    instances=True)
+  return str(out)
+
+
+def _weak_batches(data, annotation, resize="stretch", seed=5):
+  return list(P.eval_dataset(data, fold=0, shot=2, image_size=SIZE, seed=seed, batch_size=3,
+                             num_episodes=6, min_pixels=MIN_PIXELS, way=2, resize=resize,
+                             support_annotation=annotation))
+
+
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
+def test_box_supports_follow_the_box_rule_on_the_resized_maps(instance_dir, resize):
+  """Box supports: the images are the dense episode's; each support label is PANet's box rule
+  on the instance and own-class maps resized as the label is (the 'pad' canvas outside the
+  image is neither); the foreground is one filled rectangle."""
+  dense = _weak_batches(instance_dir, "dense", resize)
+  boxes = _weak_batches(instance_dir, "box", resize)
+  manifest = schema.load_manifest(instance_dir)
+  reader = manifest.source("val").reader
+  eps = episodes.eval_episode_list(manifest, "val", 0, 2, 6, 5, MIN_PIXELS, way=2)
+  for bd, bb in zip(dense, boxes):
+    np.testing.assert_array_equal(bd["supp_images"], bb["supp_images"])
+    for j in range(3):
+      ep = eps[int(bb["index"][j])]
+      for k, record in enumerate(ep.supports):
+        ex, _, raw = schema.read_record(reader, record)
+        inst = schema.read_extras(reader, record, ex, raw.shape)["instance"]
+        own = (raw == ep.class_ids[k // 2]).astype(np.uint8)
+        if resize == "stretch":
+          want = weak.box_support_label(transforms.eval_stretch_label(inst, SIZE),
+                                        transforms.eval_stretch_label(own, SIZE))
+        else:
+          h, w = transforms.eval_hw(*raw.shape, SIZE)
+          near = lambda x: cv2.resize(x, (w, h), interpolation=cv2.INTER_NEAREST)
+          want = np.full((SIZE, SIZE), transforms.NEITHER, np.uint8)
+          want[:h, :w] = weak.box_support_label(near(inst), near(own))
+        got = bb["supp_labels"][j, k]
+        np.testing.assert_array_equal(got, want)
+        ys, xs = np.nonzero(got == 1)
+        assert len(ys) == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+
+
+def test_scribble_supports_are_deterministic_and_inside(instance_dir):
+  """Generated scribble supports: the same for the same seed, other for another; object
+  scribbles inside the support's own class, background scribbles on background pixels."""
+  a = _weak_batches(instance_dir, "scribble")
+  b = _weak_batches(instance_dir, "scribble")
+  c = _weak_batches(instance_dir, "scribble", seed=6)
+  _assert_batches_equal(a, b)
+  assert not all(np.array_equal(x["supp_labels"], y["supp_labels"]) for x, y in zip(a, c))
+  manifest = schema.load_manifest(instance_dir)
+  reader = manifest.source("val").reader
+  for batch in a:
+    for j in range(3):
+      for k in range(4):
+        _, raw = P.decode_record(reader[int(batch["supp_records"][j, k])])
+        raw = transforms.eval_stretch_label(raw, SIZE)
+        got = batch["supp_labels"][j, k]
+        assert set(np.unique(got)) <= {0, 1, transforms.NEITHER} and (got == 1).any()
+        assert np.all(raw[got == 1] == batch["class_ids"][j, k // 2])
+        assert np.all(raw[got == 0] == 0)
+
+
+def test_box_supports_need_instance_maps(dataset_dir):
+  with pytest.raises(schema.BadRecordError, match=r"record \d+ .*need instance maps"):
+    _weak_batches(dataset_dir, "box")
+  with pytest.raises(ValueError, match="support_annotation must be one of"):
+    _weak_batches(dataset_dir, "polygon")

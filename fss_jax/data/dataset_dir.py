@@ -22,8 +22,11 @@ def log(msg: str) -> None:
 
 def _synthetic_settings(config) -> dict:
   s = config.data.synthetic
-  return {"num_train": int(s.num_train), "num_val": int(s.num_val),
-          "image_size": int(s.source_size), "seed": int(s.seed)}
+  out = {"num_train": int(s.num_train), "num_val": int(s.num_val),
+         "image_size": int(s.source_size), "seed": int(s.seed)}
+  if s.get("instances", False):  # instance maps (box supports); absent = off, as before
+    out["instances"] = True
+  return out
 
 
 def prepare(config) -> str:

@@ -38,6 +38,10 @@ by their loss; fss_jax/models/registry.py). Batched, B = per-process batch size,
   supp_records int64   (B, N·K)
 and for evaluation also
   valid        bool    (B,)
+With weak supports in evaluation (`support_annotation` 'box' / 'scribble', PANet's test-time
+box and scribble supports, reference_panet.md §11), supp_labels hold `weak.py`'s labels: 1 the
+box / the scribble, 0 background, 254 neither (another own-class box; unscribbled pixels;
+the padding of the 'pad' resize), no 255.
   orig_label   uint8   (B, M, M)      (optional) query label at the original size,
                                       top-left, padded with 255 (the reference compares
                                       against the max(H, W) square: crop [:L, :L])
@@ -61,6 +65,7 @@ from fss_jax.data import schema
 from fss_jax.data import shm_slots
 from fss_jax.data import tfrecord
 from fss_jax.data import transforms
+from fss_jax.data import weak
 
 PER_WORKER_BUFFER = 2
 
@@ -86,6 +91,8 @@ def load_record(reader: tfrecord.TFRecordReader, index: int) -> tuple[np.ndarray
 SKIP_HINT = ("; set data.skip_bad_records=True to skip such records in training (resuming a "
              "run: with --config.train.accept_changes=data.skip_bad_records), and run "
              "scripts/check_dataset.py --data_dir DIR to list every damaged record")
+
+SUPPORT_ANNOTATIONS = ("dense", "box", "scribble")
 
 # Substitute episodes tried for one stream position before giving up (skip_bad_records).
 MAX_SKIPS_PER_EPISODE = 64
@@ -346,6 +353,9 @@ class EvalBatchFn:
   orig_label_size: int | None
   way: int = 1
   resize: str = "pad"
+  support_annotation: str = "dense"
+  scribble_dilation: int = 0
+  seed: int = 0
   recycler: shm_slots.ArrayRecycler = _recycler_field()
 
   def __call__(self, slots: list[int]) -> dict[str, np.ndarray]:
@@ -363,8 +373,12 @@ class EvalBatchFn:
       label = self._load(ep.query, transforms.query_label, ep.class_ids, out["query"][j],
                          out["query_label"][j])
       for k, s in enumerate(ep.supports):
-        self._load(s, functools.partial(transforms.support_label, way=k // ep.shot),
-                   ep.class_ids, out["supp_images"][j, k], out["supp_labels"][j, k])
+        if self.support_annotation == "dense":
+          self._load(s, functools.partial(transforms.support_label, way=k // ep.shot),
+                     ep.class_ids, out["supp_images"][j, k], out["supp_labels"][j, k])
+        else:
+          self._load_weak(s, ep.class_ids[k // ep.shot], np.random.default_rng(
+              [self.seed, index, k]), out["supp_images"][j, k], out["supp_labels"][j, k])
       _fill_episode_ids(out, j, ep, index)
       out["valid"][j] = valid
       if self.orig_label_size is not None:
@@ -381,6 +395,42 @@ class EvalBatchFn:
     resize(image, label, self.image_size, out=(out_image, out_label))
     return label
 
+  def _load_weak(self, record_index, class_id, rng, out_image, out_label) -> None:
+    """A box or scribble support (PANet's test.py): the image resized as a dense one; the
+    class, instance and scribble maps resized with the label's nearest rule, then the weak rule
+    on them (as PANet applies it after its Resize), the 'pad' padding 254 (neither)."""
+    ex, image, label = schema.read_record(self.reader, record_index)
+    extras = schema.read_extras(self.reader, record_index, ex, label.shape)
+    own = (label == class_id).astype(np.uint8)
+    if self.resize == "stretch":
+      transforms.eval_stretch(image, own, self.image_size, out=(out_image, out_label))
+      size = lambda x: transforms.eval_stretch_label(x, self.image_size)
+      region = (slice(None), slice(None))
+    else:
+      transforms.eval_resize(image, own, self.image_size, out=(out_image, out_label))
+      new_h, new_w = transforms.eval_hw(*label.shape, self.image_size)
+      size = lambda x: cv2.resize(x, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+      region = (slice(0, new_h), slice(0, new_w))
+    own_r = size(own).astype(bool)
+    if self.support_annotation == "box":
+      if extras["instance"] is None:
+        shard, record = self.reader.locate(record_index)
+        raise schema.BadRecordError(
+            "instance", self.reader.paths[shard], record, ex.get("id"),
+            "box supports need instance maps, and this record has none; convert the dataset "
+            "with --instances (data_prep/pascal5i.py), or data.synthetic.instances=True")
+      weak_label = weak.box_support_label(size(extras["instance"]), own_r)
+    else:
+      scribble = extras["scribble"]
+      if scribble is None:  # no precomputed scribbles: generated, deterministic per episode
+        scribble = weak.generate_scribbles(label, rng, instance=extras["instance"])
+      scribble = size(scribble)
+      if self.scribble_dilation > 1:
+        scribble = weak.dilate_scribble(scribble, self.scribble_dilation)
+      weak_label = weak.scribble_support_label(scribble, own_r, rng)
+    out_label.fill(transforms.NEITHER)
+    out_label[region] = weak_label
+
 
 def eval_batches_per_process(num_episodes: int, batch_size: int,
                              process_count: int = 1) -> int:
@@ -396,7 +446,8 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
                  min_pixels: int = episodes_lib.MIN_CLASS_PIXELS,
                  read_threads: int = 1, classes: str = "novel",
                  way: int = 1, resize: str = "pad",
-                 sampler: str = "walk") -> grain.IterDataset:
+                 sampler: str = "walk", support_annotation: str = "dense",
+                 scribble_dilation: int = 0) -> grain.IterDataset:
   """Finite stream of evaluation batches over exactly `num_episodes` episodes.
 
   Episode i (of `episodes.eval_episodes(..., seed)`) goes to process i % process_count.
@@ -416,11 +467,19 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
       'stretch' (`transforms.eval_stretch`: S x S, PANet); original labels need 'pad'.
     sampler: 'walk' (`episodes.eval_episodes`) or 'class_balanced' (PANet's,
       `episodes.class_balanced_episodes`).
+    support_annotation: 'dense' masks, or PANet's weak supports: 'box' (the largest own-class
+      instance's box; needs instance maps in the records) or 'scribble' (the records' scribble
+      maps, else scribbles generated per episode, `weak.generate_scribbles`, seeded by
+      [seed, episode, support]).
+    scribble_dilation: PANet's DilateScribble window for scribbles (0: none, its default).
   """
   _check_process(process_index, process_count)
   transforms.check_size(image_size)
   if resize not in ("pad", "stretch"):
     raise ValueError(f"resize must be 'pad' or 'stretch', got {resize!r}")
+  if support_annotation not in SUPPORT_ANNOTATIONS:
+    raise ValueError(f"support_annotation must be one of {SUPPORT_ANNOTATIONS}, got "
+                     f"{support_annotation!r}")
   if resize == "stretch" and original_label:
     raise ValueError("original-size labels are scored with the 'pad' resize only (the "
                      "evaluator undoes an aspect-keeping resize); PANet scores resized labels")
@@ -434,7 +493,8 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
                                   for im in manifest.images(split))
   slots = eval_batches_per_process(num_episodes, batch_size, process_count) * batch_size
   fn = EvalBatchFn(tuple(eps), reader, int(shot), image_size, process_index, process_count,
-                   size, int(way), resize)
+                   size, int(way), resize, support_annotation, int(scribble_dilation),
+                   int(seed))
   ds = grain.MapDataset.range(slots).batch(int(batch_size), batch_fn=_as_list).map(fn)
   return _prefetch(ds, num_workers, read_threads)
 

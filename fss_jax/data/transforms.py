@@ -408,9 +408,14 @@ def eval_stretch(image: np.ndarray, label: np.ndarray, size: int = 417, out=None
   image = np.asarray(image, np.float32)
   out_img, out_lab = _outputs(size, out)
   normalize(cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR), out=out_img)
-  h, w = label.shape
-  out_lab[:] = label[nearest_indices(h, size)][:, nearest_indices(w, size)]
+  out_lab[:] = eval_stretch_label(label, size)
   return out_img, out_lab
+
+
+def eval_stretch_label(label: np.ndarray, size: int) -> np.ndarray:
+  """A label-like map (class, instance or scribble ids) resized as `eval_stretch` does."""
+  h, w = label.shape
+  return label[nearest_indices(h, size)][:, nearest_indices(w, size)]
 
 
 

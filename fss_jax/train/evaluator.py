@@ -174,6 +174,8 @@ class Evaluator:
     metric: the meter's rule, 'fss' (PFENet/ASGNet) or 'panet' (``metrics.FewShotMeter``).
     resize: the evaluation resize, 'pad' or 'stretch' (``pipeline.eval_dataset``).
     sampler: the episode sampler, 'walk' or 'class_balanced' (``pipeline.eval_dataset``).
+    support_annotation, scribble_dilation: dense, box or scribble supports
+      (``pipeline.eval_dataset``).
   """
 
   def __init__(self, model, mesh, dataset_dir: str, *, fold: int, shot: int, image_size: int,
@@ -181,7 +183,8 @@ class Evaluator:
                original_label: bool = False, num_workers: int = 0, read_threads: int = 1,
                min_pixels: int = 2 * 32 * 32, protocol: Optional[Protocol] = None,
                way: int = 1, metric: str = "fss", resize: str = "pad",
-               sampler: str = "walk"):
+               sampler: str = "walk", support_annotation: str = "dense",
+               scribble_dilation: int = 0):
     self.model = model
     self.mesh = mesh
     self.dataset_dir = dataset_dir
@@ -200,6 +203,8 @@ class Evaluator:
     self.metric = metric
     self.resize = resize
     self.sampler = sampler
+    self.support_annotation = support_annotation
+    self.scribble_dilation = int(scribble_dilation)
     manifest = schema.load_manifest(dataset_dir)
     from fss_jax.data import episodes  # pylint: disable=g-import-not-at-top
     self.classes = episodes.fold_classes(manifest, self.fold, classes)
@@ -238,7 +243,8 @@ class Evaluator:
         num_episodes, jax.process_index(), jax.process_count(), num_workers,
         split=self.split, original_label=self.original_label, min_pixels=self.min_pixels,
         read_threads=self.read_threads, classes=self.which, way=self.way,
-        resize=self.resize, sampler=self.sampler)
+        resize=self.resize, sampler=self.sampler, support_annotation=self.support_annotation,
+        scribble_dilation=self.scribble_dilation)
     keys = list(self.model.inputs) + (
         ["orig_label", "orig_size"] if self.original_label else ["query_label"])
     meter = metrics_lib.FewShotMeter(self.classes, self.metric)
@@ -363,7 +369,8 @@ def from_config(config, model, mesh, dataset_dir: str, classes: str = "novel",
       num_workers=int(d.num_workers), read_threads=int(d.read_threads),
       min_pixels=int(d.min_class_pixels), protocol=protocol, way=int(d.get("way", 1)),
       metric=protocol.metric, resize=dataset_dir_lib.eval_resize_mode(config),
-      sampler=protocol.sampler)
+      sampler=protocol.sampler, support_annotation=d.get("support_annotation", "dense"),
+      scribble_dilation=int(d.get("scribble_dilation", 0)))
 
 
 def load_variables(model, config, *, workdir: Optional[str] = None,
