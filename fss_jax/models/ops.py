@@ -1,8 +1,9 @@
 """Small tensor ops with PyTorch semantics, NHWC.
 
 The reference model is written in PyTorch; these ops reproduce the exact PyTorch behaviour that
-`jax.image` and Flax do not: bilinear resizing with ``align_corners=True``, ``AdaptiveAvgPool2d``
-bins, ``Weighted_GAP`` masked pooling, ``F.cosine_similarity`` and ``nn.Dropout2d``.
+`jax.image` and Flax do not: bilinear resizing with ``align_corners=True`` (and, for PANet, with
+``align_corners=False`` as exact constant matrices), ``AdaptiveAvgPool2d`` bins, ``Weighted_GAP``
+masked pooling, ``F.cosine_similarity`` and ``nn.Dropout2d``.
 
 Resizing and adaptive pooling are separable linear maps, so they are applied as two einsums with
 small constant matrices built in numpy at trace time: exact weights, cheap on every backend, and
@@ -73,6 +74,28 @@ def _bilinear_ac_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) float64 matrix of 1-D linear interpolation with align_corners=False (read-only).
+
+  PyTorch's ``upsample_bilinear2d`` without a scale factor: output i samples source coordinate
+  max((i + 0.5) · in / out − 0.5, 0), blending pixels i0 = floor(src) and min(i0 + 1, in − 1)
+  (the top index is clamped, so an edge row takes all its weight from the last pixel). No
+  antialiasing: a downsampling matrix is the same two-tap rule, as ``F.interpolate`` does.
+  Upsampling equals ``jax.image.resize(method='linear')``.
+  """
+  src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5,
+                   0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  frac = src - i0
+  m = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  np.add.at(m, (rows, i0), 1.0 - frac)
+  np.add.at(m, (rows, i1), frac)
+  return _frozen(m)
+
+
+@functools.lru_cache(maxsize=256)
 def _adaptive_avg_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out, in) float64 matrix of PyTorch AdaptiveAvgPool 1-D bins.
 
@@ -117,6 +140,26 @@ def resize_bilinear_ac(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     return x
   mh = None if out_h == in_h else _bilinear_ac_matrix(in_h, out_h)
   mw = None if out_w == in_w else _bilinear_ac_matrix(in_w, out_w)
+  return _apply_separable(x, mh, mw)
+
+
+def resize_bilinear(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+  """Bilinear resize with PyTorch ``F.interpolate(mode='bilinear', align_corners=False)``.
+
+  Args:
+    x: (B, H, W, C) floating array (computed in at least float32).
+    out_hw: static output size (h, w); up- and down-sampling both allowed (no antialiasing).
+
+  Returns:
+    (B, h, w, C) array of x's dtype; x itself when (h, w) == (H, W).
+  """
+  _check_nhwc(x, "resize_bilinear")
+  out_h, out_w = _check_out_hw(out_hw, "resize_bilinear")
+  in_h, in_w = x.shape[1], x.shape[2]
+  if (out_h, out_w) == (in_h, in_w):
+    return x
+  mh = None if out_h == in_h else bilinear_matrix(in_h, out_h)
+  mw = None if out_w == in_w else bilinear_matrix(in_w, out_w)
   return _apply_separable(x, mh, mw)
 
 
