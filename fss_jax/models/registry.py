@@ -11,7 +11,13 @@ and its module class has:
     its loss reads (the batch-dict contract of ``fss_jax/data/pipeline.py``);
   * ``loss(out, batch)`` → (total, {name: scalar}) (the train step logs every term);
   * ``torch_order``: its PyTorch head modules in registration order, and a ``backbone``
-    submodule of ``fss_jax.models.backbones`` (export names, ``fss_jax/weights.py``).
+    submodule of ``fss_jax.models.backbones`` (export names, ``fss_jax/weights.py``);
+  * optionally ``torch_backbone_prefix``: where the backbone's 'model'-scheme names sit in the
+    official state_dict (PANet: ``encoder.backbone.``; default '': at the top level), and
+    ``torch_reference_wrapping``: how the official training script saves it ('state_dict':
+    ``{'state_dict': {'module.' + key: ...}}``, the default; 'module': ``{'module.' + key: ...}``);
+  * optionally ``way``: N of N-way episodes; the supports are then N·K images, way-major (the
+    N-way batch contract), and the initial variables are built with N·K supports.
 """
 from typing import Any
 
@@ -21,10 +27,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from fss_jax.models import asgnet
+from fss_jax.models import panet
 from fss_jax.models import pfenet
 
 MODELS = {
     "asgnet": asgnet,
+    "panet": panet,
     "pfenet": pfenet,
 }
 
@@ -48,9 +56,11 @@ def build_model(config) -> nn.Module:
 
 def _init_fn(model: nn.Module, image_size: int, shot: int):
   s = int(image_size)
+  # N-way models take way·shot supports (their parameters do not depend on it).
+  n = int(getattr(model, "way", 1)) * int(shot)
   query = jnp.zeros((1, s, s, 3), jnp.float32)
-  supp = jnp.zeros((1, shot, s, s, 3), jnp.float32)
-  labels = jnp.ones((1, shot, s, s), jnp.int32)
+  supp = jnp.zeros((1, n, s, s, 3), jnp.float32)
+  labels = jnp.ones((1, n, s, s), jnp.int32)
   return lambda rng: model.init({"params": rng, "dropout": rng}, query, supp, labels,
                                 train=False)
 
