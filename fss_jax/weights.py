@@ -40,11 +40,22 @@ def backbone_naming(name: str, scheme: str = "imagenet") -> keymap.Naming:
 
 def model_naming(config) -> keymap.Naming:
   """The PyTorch naming of the model ``config.model`` describes: its backbone in the 'model'
-  scheme at the top level, its head modules by the common rule, in registration order."""
+  scheme, at the top level or under the model's ``torch_backbone_prefix`` (PANet:
+  ``encoder.backbone.``), its head modules by the common rule, in registration order."""
   spec = backbones.get(config.model.backbone)
-  order = registry.build_model(config).torch_order
-  module = keymap.scoped({BACKBONE_SCOPE: lambda path: spec.torch_module_path(path, "model")})
-  return keymap.Naming(module, spec.torch_order + tuple(order))
+  model = registry.build_model(config)
+  prefix = getattr(model, "torch_backbone_prefix", "")
+  module = keymap.scoped(
+      {BACKBONE_SCOPE: lambda path: prefix + spec.torch_module_path(path, "model")})
+  return keymap.Naming(module, spec.torch_order + tuple(model.torch_order))
+
+
+def reference_wrapping(config) -> str:
+  """How the official training script of ``config.model`` saves its state_dict: 'state_dict'
+  (``{'state_dict': {'module.' + key: ...}}``: ASGNet, PFENet) or 'module' (DataParallel's
+  state_dict as it is, ``{'module.' + key: ...}``: PANet); see
+  ``torch_export.save_state_dict``."""
+  return getattr(registry.build_model(config), "torch_reference_wrapping", "state_dict")
 
 
 def backbone_template(config) -> dict[str, Any]:

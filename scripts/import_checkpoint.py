@@ -4,6 +4,10 @@
       --input asgnet_fold0.pth --output model.msgpack
   python scripts/import_checkpoint.py --config=configs/pascal_pfenet.py:backbone=vgg16_bn \
       --input pfenet_vgg_split0.pth --output model.msgpack
+  # PANet's official snapshot (DataParallel's state_dict: module.encoder.backbone.features.*)
+  python scripts/import_checkpoint.py --config=configs/pascal_panet.py \
+      --input runs/PANet_VOC_align_sets_0_1way_1shot_[train]/1/snapshots/30000.pth \
+      --output model.msgpack
   # an ASGNet checkpoint as the start of an ASGNet + prior (zero prior columns), then train it:
   python scripts/import_checkpoint.py --config=configs/pascal_asgnet.py:prior=true \
       --input asgnet_fold0.pth --from_asgnet --output asgnet_prior_init.msgpack
@@ -11,7 +15,8 @@
       --config.model.init_weights=asgnet_prior_init.msgpack --workdir=...
 
 The config says which model (``model.name``, backbone, bins) the checkpoint holds; the authors'
-training checkpoints are read as they are (``{'state_dict': {'module.' + key: ...}}``), with
+training checkpoints are read as they are (``{'state_dict': {'module.' + key: ...}}``, or PANet's
+``{'module.' + key: ...}``), with
 ``torch.load(weights_only=True)``. A key that does not fit is listed with its shape.
 """
 import argparse

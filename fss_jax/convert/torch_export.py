@@ -41,20 +41,34 @@ def reference_checkpoint(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]
                                                 for k, v in state_dict.items())}
 
 
+WRAPPINGS = ("state_dict", "module")
+
+
 def save_state_dict(state_dict: Mapping[str, Any], path: str,
-                    reference_wrapping: bool = False) -> None:
+                    reference_wrapping: "bool | str" = False) -> None:
   """Writes ``.pth``/``.pt`` (torch.save of tensors) or ``.safetensors`` (no torch needed).
 
-  ``reference_wrapping`` (``.pth`` only) saves ``{'state_dict': {'module.' + key: ...}}``.
+  ``reference_wrapping``: how the reference's training script saves its checkpoints, so that its
+  test script loads the file directly. True or 'state_dict' (ASGNet, PFENet; ``.pth`` only):
+  ``{'state_dict': {'module.' + key: ...}}``; 'module' (PANet: DataParallel's state_dict as it
+  is): ``{'module.' + key: ...}``. False: the keys as given.
   safetensors files keep the key order in their metadata (``ORDER_METADATA_KEY``).
   """
+  if reference_wrapping is True:
+    reference_wrapping = "state_dict"
+  if reference_wrapping and reference_wrapping not in WRAPPINGS:
+    raise ValueError(f"reference_wrapping = {reference_wrapping!r}: must be False, True or one "
+                     f"of {WRAPPINGS}")
+  if reference_wrapping == "module":
+    state_dict = collections.OrderedDict(("module." + k, v) for k, v in state_dict.items())
+    reference_wrapping = False
   path = os.fspath(path)
   arrays = collections.OrderedDict(
       (k, np.array(np.asarray(v), order="C", copy=True)) for k, v in state_dict.items())
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if path.endswith(SAFETENSORS_SUFFIX):
     if reference_wrapping:
-      raise ValueError("reference_wrapping applies to .pth files only")
+      raise ValueError("reference_wrapping 'state_dict' applies to .pth files only")
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
     save_file(dict(arrays), path,
               metadata={"format": "pt", ORDER_METADATA_KEY: json.dumps(list(arrays))})
