@@ -49,8 +49,47 @@ def test_each_config_loads_with_and_without_args(name):
   extra = _flat_keys(default) - base
   assert base <= _flat_keys(default)
   assert extra <= {"data.synthetic.num_train", "data.synthetic.num_val",
-                   "data.synthetic.source_size", "data.synthetic.seed"}
+                   "data.synthetic.source_size", "data.synthetic.seed",
+                   "data.synthetic.instances"}
   json.loads(default.to_json_best_effort())
+
+
+PANET_CONFIGS = ["pascal_panet", "coco_panet", "synthetic_panet", "tiny_panet"]
+
+
+@pytest.mark.parametrize("name", PANET_CONFIGS)
+def test_panet_configs(name):
+  """PANet's configs: the base layout, its arguments, its transform; the official recipe in
+  pascal/coco (kaixin96/PANet config.py, train.py; reference_panet.md §8-9)."""
+  default = _load(name)
+  assert default.model.name == "panet" and default.data.way == 1 and default.model.align
+  assert default.data.transform == "panet"
+  assert _flat_keys(default) - _flat_keys(configs_lib.base_config("panet")) <= {
+      "data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.source_size",
+      "data.synthetic.seed", "data.synthetic.instances"}
+  args = _load(name, "fold=3,shot=5,way=2,align=false")
+  assert (args.data.fold, args.data.shot, args.data.way, args.model.align) == (3, 5, 2, False)
+  if name in ("pascal_panet", "coco_panet"):
+    d, t = default.data, default.train
+    assert (d.image_size, d.train_batch_size, d.seed, d.min_class_pixels) == (417, 1, 1234, 1)
+    assert default.model.backbone == "vgg16_panet" and tuple(t.frozen_keys) == ()
+    assert (t.lr, t.momentum, t.weight_decay, t.total_steps) == (1e-3, 0.9, 5e-4, 30000)
+    assert (t.schedule, tuple(t.milestones), t.gamma) == ("multistep", (10000, 20000, 30000),
+                                                          0.1)
+    assert default.eval.protocol == "panet" and default.model.scaler == 20.0
+  with pytest.raises(ValueError, match="Unknown config argument key 'backbone'"):
+    _load(name, "backbone=resnet50")
+
+
+def test_nway_needs_an_nway_model():
+  config = _load("tiny_asgnet")
+  config.data.way = 2
+  with pytest.raises(ValueError, match="model 'asgnet' is 1-way"):
+    configs_lib.validate_config(config)
+  config = _load("tiny_panet")
+  config.data.original_label_eval = True
+  with pytest.raises(ValueError, match="data.transform = 'panet'.*resized labels"):
+    configs_lib.validate_config(config)
 
 
 def test_reference_values():
