@@ -430,9 +430,9 @@ def test_pfenet_panels(pfenet_1shot):
 
 def test_unknown_model_gets_generic_panels(pfenet_1shot, asgnet_1shot):
   for _, pred in (pfenet_1shot, asgnet_1shot):
-    panels = explain.panels("panet", pred)
+    panels = explain.panels("sg_one", pred)
     assert [t.split(" (")[0] for t, _ in panels] == [
         "shot 1: support and mask", "query: prediction", "query: fg − bg logit"]
-    fig = explain.figure("panet", pred)
+    fig = explain.figure("sg_one", pred)
     assert fig.dtype == np.uint8 and fig.shape[2] == 3
   assert set(explain.EXPLAINERS) >= {"asgnet", "pfenet"}

@@ -327,3 +327,37 @@ def test_script_refuses_clearly(tmp_path):
   assert out.returncode == 1, out.stderr
   assert "predict.py: error: --explain needs fss_jax/infer/explain.py" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_panet_predicts_with_the_support_canvas_padding_as_neither(tiny_data_dir):
+  """PANet through the predictor (its outputs include a scalar, align_loss, which has no
+  per-query row): the support's canvas padding is neither foreground nor background, so its
+  background prototype is the model's on labels with the padding at 254, not at 255 (which
+  PANet reads as void = background)."""
+  from fss_jax import configs_lib  # pylint: disable=g-import-not-at-top
+  config = configs_lib.load_config("configs/tiny_panet.py")
+  config.data.data_dir = tiny_data_dir
+  model = registry.build_model(config)
+  s = config.data.image_size
+  variables = registry.init_variables(model, s, 1, jax.random.key(1))
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (30, 60, 3), dtype=np.uint8)  # wide: padding below
+  mask = np.zeros((30, 60), np.uint8)
+  mask[8:22, 15:40] = 1
+  query = rng.integers(0, 256, (41, 33, 3), dtype=np.uint8)
+  (p,) = predictor_lib.Predictor(model, variables, config, batch_size=1).predict(
+      [predictor_lib.Support(image, mask)], [query])
+  assert p.mask.shape == (41, 33) and "align_loss" not in p.outputs
+  supp, label = transforms.eval_resize(image, mask, s)
+  q, _ = transforms.eval_resize(query, np.zeros((41, 33), np.uint8), s)
+  h, w = transforms.eval_hw(30, 60, s)
+  assert h < s and (label[h:] == 255).all()
+  bg = {}
+  for pad in (transforms.NEITHER, 255):
+    lab = label.copy()
+    lab[h:], lab[:, w:] = pad, pad
+    out = model.apply(variables, q[None], supp[None, None], lab[None, None], train=False)
+    bg[pad] = np.asarray(out["bg_prototype"][0])
+  np.testing.assert_allclose(p.outputs["bg_prototype"], bg[transforms.NEITHER], rtol=1e-5,
+                             atol=1e-6)
+  assert not np.allclose(bg[transforms.NEITHER], bg[255], rtol=1e-3)

@@ -360,6 +360,11 @@ class Predictor:
       hws.append(canvas_hw(*sup.mask.shape, s, name))
       transforms.eval_resize(sup.image, np.asarray(sup.mask, np.uint8), s,
                              out=(images[k], labels[k]))
+      # The canvas outside the image is no pixel of the support: neither foreground nor
+      # background (PANet reads 255 as void = background; the other models read both as 0).
+      h, w = hws[-1]
+      labels[k, h:, :] = transforms.NEITHER
+      labels[k, :, w:] = transforms.NEITHER
       if not np.any(labels[k] == 1):
         had = np.any(np.asarray(sup.mask) == 1)
         why = (f"its mask's foreground ({int(np.sum(np.asarray(sup.mask) == 1))} pixels) "
@@ -442,8 +447,7 @@ class Predictor:
     outputs = jax.device_get(outputs)
     if not state["checked"]:
       state["checked"] = True
-      for m in self._model_empty_shots(jax.tree.map(lambda x: x[0], outputs), supports,
-                                       supp_labels):
+      for m in self._model_empty_shots(_row(outputs, 0, b), supports, supp_labels):
         warnings.warn(m, EmptySupportWarning, stacklevel=4)
         state["messages"].append(m)
     for j, (image, name) in enumerate(items):
@@ -455,9 +459,20 @@ class Predictor:
       yield Prediction(
           mask=(score > 0).astype(np.uint8), fg_score=score, query=image,
           canvas_hw=tuple(hws[j]), image_size=s,
-          outputs=jax.tree.map(lambda x: np.array(x[j]), outputs), supports=supports,
+          outputs=_row(outputs, j, b), supports=supports,
           support_canvas_hw=[tuple(hw) for hw in supp_hw], name=name,
           warnings=list(state["messages"]))
+
+
+def _row(outputs: dict, j: int, batch: int) -> dict:
+  """Episode j's part of a model's batched outputs; outputs without a batch axis (a scalar such
+  as PANet's align_loss) are left out."""
+  out = {}
+  for key, value in outputs.items():
+    leaves = jax.tree.leaves(value)
+    if leaves and all(np.ndim(x) and np.shape(x)[0] == batch for x in leaves):
+      out[key] = jax.tree.map(lambda x: np.array(x[j]), value)
+  return out
 
 
 def overlay(prediction: Prediction) -> np.ndarray:
