@@ -180,6 +180,19 @@ def test_write_dataset_errors_name_image(tmp_path):
   assert os.listdir(tmp_path) == []  # nothing published, no temporaries left
 
 
+def _assert_manifest_error(tmp_path, good, mutate, pattern):
+  """A copy of manifest ``good`` changed by ``mutate`` fails to load with a ManifestError that
+  names the file and matches ``pattern``."""
+  path = tmp_path / "manifest.json"
+  d = json.loads(json.dumps(good))
+  mutate(d)
+  path.write_text(json.dumps(d))
+  with pytest.raises(schema.ManifestError) as err:
+    schema.load_manifest(tmp_path)
+  assert str(path) in str(err.value)
+  assert __import__("re").search(pattern, str(err.value)), str(err.value)
+
+
 def test_manifest_errors_name_path(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "manifest.json")):
     schema.load_manifest(tmp_path)
@@ -205,13 +218,7 @@ def test_manifest_errors_name_path(tmp_path):
       (lambda d: d.update(version=2), "version"),
       (lambda d: d["splits"]["train"]["images"][0].pop("height"), r"images\[0\]"),
       (lambda d: d["splits"]["train"]["images"][0]["classes"].update({"9": 1}), "'9'")]:
-    d = json.loads(json.dumps(good))
-    mutate(d)
-    path.write_text(json.dumps(d))
-    with pytest.raises(schema.ManifestError) as err:
-      schema.load_manifest(tmp_path)
-    assert str(path) in str(err.value)
-    assert __import__("re").search(pattern, str(err.value)), str(err.value)
+    _assert_manifest_error(tmp_path, good, mutate, pattern)
 
 
 def test_source_count_mismatch(tmp_path):
@@ -383,10 +390,4 @@ def test_manifest_optional_feature_errors(tmp_path):
       (lambda d: d["optional_features"].update(instance={"val": 1}), "split names"),
       (lambda d: d["splits"]["train"]["images"][1].update(features=["x"]),
        r"images\[1\] \(j\) features")]:
-    d = json.loads(json.dumps(good))
-    mutate(d)
-    path.write_text(json.dumps(d))
-    with pytest.raises(schema.ManifestError) as err:
-      schema.load_manifest(tmp_path)
-    assert str(path) in str(err.value)
-    assert __import__("re").search(pattern, str(err.value)), str(err.value)
+    _assert_manifest_error(tmp_path, good, mutate, pattern)

@@ -62,15 +62,7 @@ def _bilinear_ac_matrix(in_size: int, out_size: int) -> np.ndarray:
   neighbouring source pixels as PyTorch's upsample_bilinear2d does.
   """
   scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-  src = np.arange(out_size, dtype=np.float64) * scale
-  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  i1 = np.minimum(i0 + 1, in_size - 1)
-  frac = src - i0
-  m = np.zeros((out_size, in_size), np.float64)
-  rows = np.arange(out_size)
-  np.add.at(m, (rows, i0), 1.0 - frac)
-  np.add.at(m, (rows, i1), frac)
-  return _frozen(m)
+  return _two_tap_matrix(np.arange(out_size, dtype=np.float64) * scale, in_size)
 
 
 @functools.lru_cache(maxsize=256)
@@ -85,11 +77,17 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   """
   src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5,
                    0.0)
+  return _two_tap_matrix(src, in_size)
+
+
+def _two_tap_matrix(src: np.ndarray, in_size: int) -> np.ndarray:
+  """(out, in) read-only matrix: row i blends source pixels floor(src[i]) and the next one
+  (clamped to in - 1) with weights 1 - frac and frac."""
   i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
   frac = src - i0
-  m = np.zeros((out_size, in_size), np.float64)
-  rows = np.arange(out_size)
+  m = np.zeros((len(src), in_size), np.float64)
+  rows = np.arange(len(src))
   np.add.at(m, (rows, i0), 1.0 - frac)
   np.add.at(m, (rows, i1), frac)
   return _frozen(m)
@@ -133,14 +131,7 @@ def resize_bilinear_ac(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
   Returns:
     (B, h, w, C) array of x's dtype; x itself when (h, w) == (H, W).
   """
-  _check_nhwc(x, "resize_bilinear_ac")
-  out_h, out_w = _check_out_hw(out_hw, "resize_bilinear_ac")
-  in_h, in_w = x.shape[1], x.shape[2]
-  if (out_h, out_w) == (in_h, in_w):
-    return x
-  mh = None if out_h == in_h else _bilinear_ac_matrix(in_h, out_h)
-  mw = None if out_w == in_w else _bilinear_ac_matrix(in_w, out_w)
-  return _apply_separable(x, mh, mw)
+  return _resize_by_matrices(x, out_hw, _bilinear_ac_matrix, "resize_bilinear_ac")
 
 
 def resize_bilinear(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
@@ -153,13 +144,18 @@ def resize_bilinear(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
   Returns:
     (B, h, w, C) array of x's dtype; x itself when (h, w) == (H, W).
   """
-  _check_nhwc(x, "resize_bilinear")
-  out_h, out_w = _check_out_hw(out_hw, "resize_bilinear")
+  return _resize_by_matrices(x, out_hw, bilinear_matrix, "resize_bilinear")
+
+
+def _resize_by_matrices(x: jax.Array, out_hw, matrix, name: str) -> jax.Array:
+  """x (B, H, W, C) resized to out_hw by ``matrix(in, out)`` along each axis whose size changes."""
+  _check_nhwc(x, name)
+  out_h, out_w = _check_out_hw(out_hw, name)
   in_h, in_w = x.shape[1], x.shape[2]
   if (out_h, out_w) == (in_h, in_w):
     return x
-  mh = None if out_h == in_h else bilinear_matrix(in_h, out_h)
-  mw = None if out_w == in_w else bilinear_matrix(in_w, out_w)
+  mh = None if out_h == in_h else matrix(in_h, out_h)
+  mw = None if out_w == in_w else matrix(in_w, out_w)
   return _apply_separable(x, mh, mw)
 
 
