@@ -33,6 +33,30 @@ Exactness notes (what differs from the official code in how, never in what, it c
     terms and gradients are exactly 0, as in the official code, and they still count in 1/N.
   * One query per episode (the official code takes N_q; every released setting uses 1).
 
+The "blog" variant (``variant='blog'``; ``configs/pascal_panet.py:backbone=resnet50``) is the
+PyTorch PANet of a 2023 write-up this project started from (reference_panet.md §15, right
+column), 1-way only; its oracle is tests/torch_panet_blog_ref.py. Per batch of 1-way K-shot
+episodes:
+  → encoder: the deep-stem ResNet-50 (``backbone='resnet'``, depth 50, ImageNet
+    ``resnet50_v2.pth``) layer0..layer3 (layer4 never runs), layer3 dilated 2, stride 8, the last
+    block of layer3 without its final ReLU (``resnet.ResNet(layer3_last_relu=False)``), 1024 ch;
+    the layers in ``frozen_layers`` (layer0, layer1) run without gradient (stop_gradient on
+    layer1's output; the optimiser leaves their parameters as they are,
+    ``optim.make_optimizer``), layer2 and layer3 train. BN follows ``model.bn_mode``.
+  → masked average pooling with the MASK resized to the feature size (bilinear,
+    align_corners=True): p = Σ f·m / (Σ m + 1e-5), fg = (label == 1), bg = (label == 0) (255
+    and 254 are neither, unlike ``getMask``)
+  → prototypes: fg and bg each the mean over shots
+  → scores = scaler · cos(query feature, [bg, fg]) (scaler 10 in its configs), logits bilinear
+    (align_corners=True) to the input size.
+  PAR (``blog_par``, computed in ``loss`` from the returned ``query_feat`` / ``supp_feat`` and
+  the batch's labels, so the model's inputs stay the same): query prototypes from the query's
+  ground-truth mask (== 1 / == 0, resized as the support masks), each support scored against
+  them (scaler · cos, upsampled align_corners=True). The write-up does not show the loss on
+  these scores; fss_jax's choice: CE against the support label (fg 1, bg 0, 255 and 254
+  ignored), each support's mean over its counted pixels, averaged over shots and episodes,
+  weighted by ``align_weight``; only when ``align``. The query loss is the official one.
+
 Parameters: only the encoder's (``backbone``; 14,714,688 with ``vgg16_panet``), named in
 PyTorch as the official model's ``encoder.backbone.features.{block}.{index}.{weight,bias}``
 (``torch_backbone_prefix``; the official snapshots add ``module.``, which the importer strips and
@@ -49,10 +73,12 @@ import ml_collections
 from fss_jax.models import backbones
 from fss_jax.models import losses
 from fss_jax.models import ops
+from fss_jax.models import resnet
 from fss_jax.models import vgg
 
 # This model takes N-way episodes (config.data.way > 1; configs_lib.validate_config).
 N_WAY = True
+VARIANTS = ("official", "blog")
 MAP_EPS = 1e-5  # getFeatures' and alignLoss' pooling denominators: Σ M + 1e-5
 COS_EPS = 1e-8  # F.cosine_similarity's default eps
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -75,6 +101,11 @@ class PANet(nn.Module):
       train.
     bn_batch_stats: for a backbone with BatchNorm (not PANet's VGG): in training, BN uses batch
       statistics, the supports and the query as two BN batches. Default False: frozen BN.
+    variant: 'official' (kaixin96/PANet) or 'blog' (the deep-stem ResNet-50 PANet of
+      reference_panet.md §15; module docstring): 1-way, a ``resnet.ResNet`` backbone with
+      ``layer3_last_relu=False``, PAR in ``loss``.
+    frozen_layers: 'blog' only: the leading backbone layers run without gradient (a prefix of
+      layer0..layer3, e.g. ('layer0', 'layer1')); () in the official variant.
   """
   # The model-family contract (fss_jax/models/registry.py).
   inputs = ("query", "supp_images", "supp_labels")
@@ -95,6 +126,8 @@ class PANet(nn.Module):
   align_weight: float = 1.0
   train_backbone: bool = True
   bn_batch_stats: bool = False
+  variant: str = "official"
+  frozen_layers: tuple = ()
 
   @nn.compact
   def __call__(self, query: jax.Array, supp_images: jax.Array, supp_labels: jax.Array, *,
@@ -121,6 +154,9 @@ class PANet(nn.Module):
     del deterministic
     b, big_h, big_w, _ = query.shape
     ops.check_episode_inputs(query, supp_images, supp_labels)
+    check_variant(self.variant, self.way, self.frozen_layers, self.backbone)
+    if self.variant == "blog":
+      return self._blog(query, supp_images, supp_labels, train)
     nk = supp_images.shape[1]
     n = int(self.way)
     if n < 1 or nk % n:
@@ -201,11 +237,59 @@ class PANet(nn.Module):
     return {"align_loss": jnp.sum(per_episode) / b, "qry_prototypes": qry_prototypes,
             "par_skipped": skipped, "par_ce": ce}
 
+  def _blog(self, query, supp_images, supp_labels, train: bool) -> dict:
+    """The blog variant's forward (module docstring); PAR is in ``loss`` (``blog_par``)."""
+    b, big_h, big_w, _ = query.shape
+    k = supp_images.shape[1]
+    batch_stats = train and self.bn_batch_stats
+    supp_flat = supp_images.reshape((b * k,) + supp_images.shape[2:])
+    groups = [supp_flat, query]
+    if self.frozen_layers:
+      last = self.frozen_layers[-1]
+      outs = backbones.run(self.backbone, groups, batch_stats=batch_stats, upto=last)
+      groups = [jax.lax.stop_gradient(o[last]) for o in outs]
+      start = resnet.LAYERS[len(self.frozen_layers)]
+    else:
+      start = "layer0"
+    outs = backbones.run(self.backbone, groups, batch_stats=batch_stats, start=start,
+                         upto="layer3")
+    feats = [o["layer3"] for o in outs]
+    dtype = jnp.promote_types(feats[0].dtype, jnp.float32)
+    feats = [f.astype(dtype) for f in feats]
+    if not self.train_backbone:
+      feats = [jax.lax.stop_gradient(f) for f in feats]
+    supp_feat, query_feat = feats
+    h, w, c = query_feat.shape[1:]
+    supp_feat = supp_feat.reshape((b, k, h, w, c))
+    supp_fg = resized_mask_average(supp_feat, supp_labels == 1)  # (B,K,C)
+    supp_bg = resized_mask_average(supp_feat, supp_labels == 0)
+    fg_prototype = jnp.sum(supp_fg, axis=1) / k  # (B,C)
+    bg_prototype = jnp.sum(supp_bg, axis=1) / k
+    prototypes = jnp.stack([bg_prototype, fg_prototype], axis=1)  # (B,2,C)
+    scores = self.scaler * jnp.einsum("bhwc,bjc->bhwj", _unit(query_feat), _unit(prototypes),
+                                      precision=_HIGHEST)
+    return {
+        "logits": ops.resize_bilinear_ac(scores, (big_h, big_w)),
+        "scores": scores,
+        "fg_prototypes": fg_prototype[:, None],
+        "bg_prototype": bg_prototype,
+        "supp_fg": supp_fg[:, None],
+        "supp_bg": supp_bg[:, None],
+        "query_feat": query_feat,
+        "supp_feat": supp_feat[:, None],
+    }
+
   def loss(self, out: dict, batch: dict) -> tuple[jax.Array, dict]:
     """The official training loss: CE(logits, query label; ignore 255, mean over the batch's
-    non-ignored pixels) + align_weight · PAR. Returns (total, {'query_loss', 'align_loss'})."""
+    non-ignored pixels) + align_weight · PAR. Returns (total, {'query_loss', 'align_loss'}).
+    The blog variant: the same query CE, PAR from ``blog_par`` (0 unless ``align``)."""
     query_loss = losses.cross_entropy_ignore(out["logits"], batch["query_label"])
-    align_loss = out["align_loss"]
+    if self.variant == "blog":
+      align_loss = (blog_par(out["query_feat"], out["supp_feat"][:, 0], batch["query_label"],
+                             batch["supp_labels"], self.scaler)["align_loss"]
+                    if self.align else jnp.zeros((), query_loss.dtype))
+    else:
+      align_loss = out["align_loss"]
     return query_loss + self.align_weight * align_loss, {"query_loss": query_loss,
                                                          "align_loss": align_loss}
 
@@ -242,6 +326,74 @@ def upsampled_masked_average(feat: jax.Array, mask: jax.Array,
   return total / (jnp.sum(mask, axis=(-2, -1))[..., None] + eps)
 
 
+def resized_mask_average(feat: jax.Array, mask: jax.Array, eps: float = MAP_EPS) -> jax.Array:
+  """The blog variant's masked average pooling: the mask resized to the feature size (bilinear,
+  align_corners=True), then Σ f·m / (Σ m + eps) over the feature map.
+
+  Args:
+    feat: (..., h, w, C) features.
+    mask: (..., H, W) bool or 0/1 masks (same leading shape).
+  Returns:
+    (..., C).
+  """
+  lead, (h, w, c) = feat.shape[:-3], feat.shape[-3:]
+  if mask.shape[:-2] != lead:
+    raise ValueError(f"resized_mask_average: feat {feat.shape} and mask {mask.shape} must "
+                     "share their leading shape")
+  m = mask.astype(feat.dtype).reshape((-1,) + mask.shape[-2:] + (1,))
+  m = ops.resize_bilinear_ac(m, (h, w)).reshape(lead + (h, w))
+  total = jnp.einsum("...hwc,...hw->...c", feat, m, precision=_HIGHEST)
+  return total / (jnp.sum(m, axis=(-2, -1))[..., None] + eps)
+
+
+def blog_par(query_feat: jax.Array, supp_feat: jax.Array, query_label: jax.Array,
+             supp_labels: jax.Array, scaler: float) -> dict:
+  """The blog variant's PAR (module docstring).
+
+  Args:
+    query_feat: (B,h,w,C); supp_feat: (B,K,h,w,C); query_label: (B,H,W) (1 fg, 0 bg, other
+      values neither); supp_labels: (B,K,H,W) (1 fg, 0 bg, 255 / 254 ignored).
+  Returns:
+    ``align_loss`` (scalar: the per-support CE averaged over shots, then episodes),
+    ``qry_prototypes`` (B,2,C) [bg, fg] from the query's ground truth, ``par_ce`` (B,K).
+  """
+  b, k, h, w, c = supp_feat.shape
+  big_h, big_w = supp_labels.shape[-2:]
+  qry_prototypes = jnp.stack([resized_mask_average(query_feat, query_label == 0),
+                              resized_mask_average(query_feat, query_label == 1)], axis=1)
+  supp_pred = scaler * jnp.einsum("bkhwc,bjc->bkhwj", _unit(supp_feat), _unit(qry_prototypes),
+                                  precision=_HIGHEST)  # (B,K,h,w,2)
+  supp_pred = ops.resize_bilinear_ac(supp_pred.reshape((b * k, h, w, 2)), (big_h, big_w))
+  target = jnp.where(supp_labels == 1, 1,
+                     jnp.where(supp_labels == 0, 0, losses.IGNORE_INDEX)).astype(jnp.int32)
+  ce = jax.vmap(lambda x, y: losses.cross_entropy_ignore(x[None], y[None]))(
+      supp_pred, target.reshape((b * k, big_h, big_w))).reshape((b, k))
+  return {"align_loss": jnp.sum(jnp.sum(ce, axis=1) / k) / b, "qry_prototypes": qry_prototypes,
+          "par_ce": ce}
+
+
+def check_variant(variant: str, way: int, frozen_layers, backbone=None) -> None:
+  """Raises ValueError for an unknown variant or a combination the variant does not define."""
+  if variant not in VARIANTS:
+    raise ValueError(f"PANet variant {variant!r}: must be one of {VARIANTS}")
+  frozen_layers = tuple(frozen_layers)
+  if variant == "official":
+    if frozen_layers:
+      raise ValueError(f"PANet variant 'official' trains its whole encoder; frozen_layers = "
+                       f"{frozen_layers} is for variant 'blog' (use train.frozen_keys)")
+    return
+  if way != 1:
+    raise ValueError(f"PANet variant 'blog' is 1-way (reference_panet.md §15 defines no N-way "
+                     f"background); got way = {way}")
+  if frozen_layers != resnet.LAYERS[:len(frozen_layers)] or len(frozen_layers) > 3:
+    raise ValueError(f"PANet variant 'blog': frozen_layers = {frozen_layers} must be a prefix "
+                     "of layer0, layer1, layer2 (its encoder is layer0..layer3)")
+  if backbone is not None and (not isinstance(backbone, resnet.ResNet)
+                               or backbone.layer3_last_relu):
+    raise ValueError("PANet variant 'blog' needs the deep-stem ResNet (model.backbone 'resnet' "
+                     "or 'resnet_small') with layer3_last_relu=False (panet.from_config sets it)")
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -250,9 +402,13 @@ def model_config() -> ml_collections.ConfigDict:
   configs set ``model.backbone = 'vgg16_panet'`` and ``train.frozen_keys = ()``). The way is
   ``config.data.way``."""
   return ml_collections.ConfigDict(dict(
-      scaler=20.0,        # cosine scale (calDist)
+      scaler=20.0,        # cosine scale (calDist; the blog variant's configs: 10)
       align=True,         # PAR in training (False: the paper's "w/o PAR")
       align_weight=1.0,   # PAR's weight in the loss (align_loss_scaler)
+      variant="official",  # 'official' (kaixin96/PANet) | 'blog' (reference_panet.md §15)
+      # 'blog' only: leading backbone layers run without gradient and left unchanged by the
+      # optimiser (its configs: ('layer0', 'layer1')); () for 'official'
+      frozen_layers=(),
   ))
 
 
@@ -260,6 +416,16 @@ def from_config(config) -> PANet:
   """The PANet of ``config.model`` with ``config.data.way`` ways; the encoder trains unless
   ``train.frozen_keys`` holds 'backbone'."""
   m = config.model
-  return PANet(**backbones.model_fields(config), way=int(config.data.get("way", 1)),
-               scaler=float(m.scaler), align=bool(m.align),
-               align_weight=float(m.align_weight))
+  fields = backbones.model_fields(config)
+  variant = str(m.get("variant", "official"))
+  frozen_layers = tuple(m.get("frozen_layers", ()))
+  way = int(config.data.get("way", 1))
+  check_variant(variant, way, frozen_layers)
+  if variant == "blog":
+    if m.backbone not in ("resnet", "resnet_small"):
+      raise ValueError(f"PANet variant 'blog' runs the deep-stem ResNet: model.backbone must be "
+                       f"'resnet' (or 'resnet_small'), got {m.backbone!r}")
+    fields["backbone"] = fields["backbone"].clone(layer3_last_relu=False)
+  return PANet(**fields, way=way, scaler=float(m.scaler), align=bool(m.align),
+               align_weight=float(m.align_weight), variant=variant,
+               frozen_layers=frozen_layers)

@@ -6,6 +6,8 @@ NHWC throughout. Layout (reference_asgnet.md §1):
   layer2  bottlenecks, 512 ch, stride 2 (on the 3x3 conv and the downsample)
   layer3  bottlenecks, 1024 ch, stride 1, every 3x3 conv dilation 2 / padding 2
   layer4  bottlenecks, 2048 ch, stride 1, every 3x3 conv dilation 4 / padding 4
+``layer3_last_relu=False`` drops the final ReLU of layer3's last block (the "blog" PANet's
+``last_relu=False``, reference_panet.md §15); the default keeps it (PSPNet/PFENet/ASGNet).
 A (8k+1)x(8k+1) input gives (k+1)x(k+1) maps from layer2 on (473 → 237 → 119 → 119 → 60 → 60).
 
 Variable names follow the PyTorch module paths with '.' → '_' (``layer1_0/downsample_1``), except
@@ -123,6 +125,7 @@ class Bottleneck(nn.Module):
   dilation: int = 1
   downsample: bool = False
   dtype: Any = jnp.float32
+  last_relu: bool = True  # False: the block returns out + identity without the final ReLU
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
@@ -138,7 +141,8 @@ class Bottleneck(nn.Module):
     if self.downsample:
       x = _conv(self.planes * EXPANSION, 1, self.stride, 0, 1, self.dtype, "downsample_0")(x)
       x = bn("downsample_1")(x, use_running_average)
-    return nn.relu(out + x.astype(out.dtype))
+    out = out + x.astype(out.dtype)
+    return nn.relu(out) if self.last_relu else out
 
 
 class ResNet(nn.Module):
@@ -150,11 +154,14 @@ class ResNet(nn.Module):
     width: base width (64 in ResNet-50/101; planes are width·(1,2,4,8), the stem 2·width).
     blocks: blocks per stage, overriding ``depth`` (e.g. (1,1,1,1) for a small backbone trained
       from scratch on small data).
+    layer3_last_relu: the final ReLU of layer3's last block (default True, the standard
+      network; False: the "blog" PANet's layer3, whose 1024-channel output can be negative).
   """
   depth: int = 50
   dtype: Any = jnp.float32
   width: int = 64
   blocks: Optional[Tuple[int, int, int, int]] = None
+  layer3_last_relu: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool = True,
@@ -194,6 +201,7 @@ class ResNet(nn.Module):
       for i in range(blocks):
         x = Bottleneck(planes, stride=stride if i == 0 else 1, dilation=dilation,
                        downsample=i == 0, dtype=self.dtype,
+                       last_relu=self.layer3_last_relu or stage != 3 or i != blocks - 1,
                        name=f"layer{stage}_{i}")(x, use_running_average)
       feats[f"layer{stage}"] = x
     return feats

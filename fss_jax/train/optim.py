@@ -119,10 +119,27 @@ def make_optimizer(config, total_steps: Optional[int] = None,
   train = config.train
   schedule = make_schedule(config, total_steps, steps_per_epoch)
   momentum = float(train.get("momentum", 0.9))
-  return optax.chain(
+  tx = optax.chain(
       optax.add_decayed_weights(float(train.get("weight_decay", 0.0))),
       optax.sgd(schedule, momentum=momentum if momentum > 0 else None, nesterov=False),
   )
+  frozen_layers = tuple(config.model.get("frozen_layers", ()))
+  if not frozen_layers:
+    return tx
+  # Backbone layers a model runs without gradient inside a trained backbone (PANet's 'blog'
+  # variant: layer0, layer1): their zero gradients pass through unchanged, so neither weight
+  # decay nor momentum moves them (PyTorch's SGD skips parameters without a gradient).
+  return optax.masked(tx, lambda params: backbone_layer_mask(params, frozen_layers))
+
+
+def backbone_layer_mask(params: Mapping[str, Any], frozen_layers: Sequence[str]):
+  """Pytree of bools with ``params``' structure: False for the leaves under
+  ``backbone/<layer>`` or ``backbone/<layer>_<i>`` for a layer in ``frozen_layers``."""
+  def trained(path, _):
+    names = [getattr(p, "key", str(p)) for p in path]
+    return not (len(names) > 1 and names[0] == "backbone"
+                and names[1].split("_")[0] in frozen_layers)
+  return jax.tree_util.tree_map_with_path(trained, params)
 
 
 def split_params(params: Mapping[str, Any],
