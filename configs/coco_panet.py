@@ -12,7 +12,8 @@ PFENet's interleaved split. Training and test episodes both come from train2014
 in an N-way episode another episode class counts as a support's background there; here the
 full label map is used and such pixels are neither (as PANet's VOC loader does).
 
-Argument keys: fold (0-3), shot, way, align (as configs/pascal_panet.py).
+Argument keys: fold (0-3), shot, way, align, backbone (vgg16 | resnet50: the "blog" variant;
+as configs/pascal_panet.py).
 """
 from fss_jax import configs_lib
 

@@ -19,7 +19,13 @@ with its own image sets: training and test episodes both come from SBD-augmented
 (``data.train_split``); convert with data_prep/pascal5i.py.
 
 Argument keys: fold (0-3), shot, way (N-way episodes in training and evaluation; PANet trains
-and tests with the same N and K), align (true: PAR, the paper's PANet; false: "w/o PAR").
+and tests with the same N and K), align (true: PAR, the paper's PANet; false: "w/o PAR"),
+backbone (vgg16: the official PANet, the default; resnet50: the "blog" PANet of
+reference_panet.md §15 on the deep-stem ResNet-50, 1-way, 473² images, ImageNet weights
+``resnet50_v2.pth`` as ``model.backbone_weights``; docs in ``configs_lib.panet_settings``):
+
+  python scripts/train.py --config=configs/pascal_panet.py:fold=0,shot=1,backbone=resnet50 \
+      --config.data.data_dir=data/pascal5i --config.model.backbone_weights=resnet50_v2.pth ...
 """
 from fss_jax import configs_lib
 

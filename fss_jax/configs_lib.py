@@ -245,12 +245,25 @@ def set_backbone(config: ml_collections.ConfigDict, family: str,
   return config
 
 
-PANET_ARGS = {"fold": 0, "shot": 1, "way": 1, "align": True}
+PANET_ARGS = {"fold": 0, "shot": 1, "way": 1, "align": True, "backbone": "vgg16"}
+# PANet's ``backbone`` argument (the recipe configs pascal_panet / coco_panet only): 'vgg16' the
+# official PANet, 'resnet50' the "blog" variant (reference_panet.md §15; ``panet_settings``).
+PANET_BACKBONES = ("vgg16", "resnet50")
 
 
-def panet_task(config: ml_collections.ConfigDict,
-               args: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """PANet's arguments (``PANET_ARGS``: fold, shot, way, align) and its transform, in place."""
+def panet_task(config: ml_collections.ConfigDict, args: Mapping[str, Any],
+               recipe: bool = False) -> ml_collections.ConfigDict:
+  """PANet's arguments (``PANET_ARGS``: fold, shot, way, align) and its transform, in place.
+  ``backbone`` is applied by ``panet_settings`` (``recipe``) only: elsewhere anything but the
+  default raises."""
+  backbone = args.get("backbone", "vgg16")
+  if backbone not in PANET_BACKBONES:
+    raise ValueError(f"Config argument backbone={backbone!r}; allowed: "
+                     f"{', '.join(PANET_BACKBONES)}.")
+  if backbone != "vgg16" and not recipe:
+    raise ValueError(f"Config argument backbone={backbone} selects PANet's blog variant in the "
+                     "recipe configs (pascal_panet, coco_panet) only; this config keeps its "
+                     "own backbone.")
   config.data.fold = int(args["fold"])
   config.data.shot = int(args["shot"])
   config.data.way = int(args["way"])
@@ -272,8 +285,16 @@ def panet_settings(config: ml_collections.ConfigDict,
   evaluation (every 10k updates, at PANet's snapshot steps) scores ``data.eval_episodes``
   episodes of the validation split; PANet reports its last snapshot, so ``train.select_on``
   does not matter for the final step but does pick the "best" checkpoint that
-  ``scripts/evaluate.py --workdir`` reads by default (pass ``--step=latest`` for PANet's)."""
-  panet_task(config, args)
+  ``scripts/evaluate.py --workdir`` reads by default (pass ``--step=latest`` for PANet's).
+
+  ``backbone=resnet50``: the "blog" PANet (reference_panet.md §15; ``fss_jax.models.panet``):
+  ``model.variant='blog'``, the deep-stem ResNet-50 (``model.backbone='resnet'``, depth 50;
+  ImageNet ``resnet50_v2.pth`` as ``model.backbone_weights``, as for ASGNet) run to layer3 with
+  its last ReLU dropped, layer0/layer1 frozen (``model.frozen_layers``), layer2/layer3 trained,
+  BN per ``model.bn_mode`` (frozen), cosine ×10, 473² images, 1-way only. §15 shows no
+  optimiser, schedule, batch size, augmentation or evaluation: those stay the official recipe's
+  above (fss_jax's choice), as do PAR's weight (1) and its loss (see the model)."""
+  panet_task(config, args, recipe=True)
   config.data.image_size = 417
   config.data.train_batch_size = 1
   config.data.eval_batch_size = 1
@@ -294,6 +315,12 @@ def panet_settings(config: ml_collections.ConfigDict,
   config.train.eval_every = 10000
   config.train.eval_every_epochs = 0
   config.train.checkpoint_every = 10000
+  if args.get("backbone", "vgg16") == "resnet50":
+    set_backbone(config, "resnet", 50)
+    config.model.variant = "blog"
+    config.model.frozen_layers = ("layer0", "layer1")
+    config.model.scaler = 10.0
+    config.data.image_size = 473
   return config
 
 
@@ -405,6 +432,15 @@ def validate_config(config: ml_collections.ConfigDict, num_folds: int = 4) -> No
     bad("data.way", d.way, "must be >= 1")
   if d.get("way", 1) > 1 and not getattr(registry.get(m.name), "N_WAY", False):
     bad("data.way", d.way, f"model {m.name!r} is 1-way (N-way episodes: model.name='panet')")
+  if m.name == "panet":
+    from fss_jax.models import panet  # pylint: disable=g-import-not-at-top
+    try:
+      panet.check_variant(m.variant, d.get("way", 1), m.frozen_layers)
+    except ValueError as e:
+      bad("model.variant", m.variant, str(e))
+    if m.variant == "blog" and m.backbone not in ("resnet", "resnet_small"):
+      bad("model.backbone", m.backbone, "PANet variant 'blog' runs the deep-stem ResNet "
+          "('resnet' or 'resnet_small')")
   if d.get("support_annotation", "dense") not in ("dense", "box", "scribble"):
     bad("data.support_annotation", d.support_annotation, "must be 'dense', 'box' or 'scribble'")
   transform = d.get("transform", "fss")

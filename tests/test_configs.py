@@ -77,8 +77,29 @@ def test_panet_configs(name):
     assert (t.schedule, tuple(t.milestones), t.gamma) == ("multistep", (10000, 20000, 30000),
                                                           0.1)
     assert default.eval.protocol == "panet" and default.model.scaler == 20.0
-  with pytest.raises(ValueError, match="Unknown config argument key 'backbone'"):
-    _load(name, "backbone=resnet50")
+  if name not in ("pascal_panet", "coco_panet"):
+    with pytest.raises(ValueError, match="recipe configs .pascal_panet, coco_panet. only"):
+      _load(name, "backbone=resnet50")
+    return
+  assert _load(name, "backbone=vgg16").to_dict() == default.to_dict()
+  assert default.model.variant == "official" and tuple(default.model.frozen_layers) == ()
+  # backbone=resnet50: the "blog" variant (reference_panet.md §15); the rest of the recipe kept.
+  blog = _load(name, "backbone=resnet50,shot=5")
+  m = blog.model
+  assert (m.backbone, m.depth, m.backbone_width, tuple(m.backbone_blocks)) == ("resnet", 50,
+                                                                              64, ())
+  assert (m.variant, tuple(m.frozen_layers), m.scaler, m.bn_mode) == (
+      "blog", ("layer0", "layer1"), 10.0, "frozen")
+  assert (blog.data.image_size, blog.data.shot, blog.data.way) == (473, 5, 1)
+  assert tuple(blog.train.frozen_keys) == () and blog.train.lr == t.lr
+  assert _flat_keys(blog) == _flat_keys(default)
+  with pytest.raises(ValueError, match="'blog' is 1-way"):
+    _load(name, "backbone=resnet50,way=2")
+  with pytest.raises(ValueError, match="backbone='resnet101'; allowed: vgg16, resnet50"):
+    _load(name, "backbone=resnet101")
+  blog.model.backbone = "vgg16_panet"
+  with pytest.raises(ValueError, match="'blog' runs the deep-stem ResNet"):
+    configs_lib.validate_config(blog)
 
 
 def test_nway_needs_an_nway_model():
