@@ -789,7 +789,9 @@ def test_registry_config_and_parameters():
   assert (net.way, net.scaler, net.align, net.align_weight, net.train_backbone) == (
       2, 10.0, False, 0.5, True)
   assert type(net.backbone).__name__ == "VGG16PANet"
-  assert set(panet.model_config()) == {"scaler", "align", "align_weight"}
+  assert set(panet.model_config()) == {"scaler", "align", "align_weight", "variant",
+                                       "frozen_layers"}
+  assert (net.variant, net.frozen_layers) == ("official", ())  # the blog variant: test_panet_blog
   assert configs_lib.base_config("panet").model.align is True
   config.train.frozen_keys = ("backbone",)
   assert not registry.build_model(config).train_backbone

@@ -123,7 +123,7 @@ def make_optimizer(config, total_steps: Optional[int] = None,
       optax.add_decayed_weights(float(train.get("weight_decay", 0.0))),
       optax.sgd(schedule, momentum=momentum if momentum > 0 else None, nesterov=False),
   )
-  frozen_layers = tuple(config.model.get("frozen_layers", ()))
+  frozen_layers = tuple((config.get("model") or {}).get("frozen_layers", ()))
   if not frozen_layers:
     return tx
   # Backbone layers a model runs without gradient inside a trained backbone (PANet's 'blog'
