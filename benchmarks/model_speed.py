@@ -11,7 +11,9 @@ first call includes JIT compilation). Both sides use random weights and the same
   python benchmarks/model_speed.py --cases pfenet_vgg_eval_1shot_233 --warmup 0 --repeats 1
   python benchmarks/model_speed.py --models asgnet --no-torch
 
-Cases, named <model>_<backbone>_<kind>_<K>shot_<size>[_b<batch>] (backbone r50 | r101 | vgg):
+Cases, named <model>_<backbone>_<kind>_[<N>way_]<K>shot_<size>[_b<batch>] (backbone r50 | r101 |
+vgg; the VGG is each model's own: VGG16-bn for PFENet/ASGNet, ``vgg16_panet`` for PANet; N ways,
+default 1, only for N-way models: the supports are N·K images, way-major):
   *_eval_{1,5}shot_473    eval forward, batch 1 (fss_jax: jitted ``model.apply(train=False)``)
   *_eval_1shot_233        the same at a small size (quick checks)
   *_train_1shot_473_b4    train step, batch 4: forward + backward + SGD-momentum update of the
@@ -22,10 +24,22 @@ Cases, named <model>_<backbone>_<kind>_<K>shot_<size>[_b<batch>] (backbone r50 |
                           training scripts build it)
   asgnet_sgc_5shot_473    seeds + SGC + GPA alone for one 5-shot episode (60x60x256 features);
                           fss_jax only
+  panet_vgg_eval_{1,5}shot_417, panet_vgg_eval_2way_1shot_417, panet_vgg_eval_1shot_233
+                          PANet eval forward at its official size (417), batch 1 episode
+  panet_vgg_train_1shot_417_b1
+                          PANet train step as the official train.py runs it: batch 1 episode,
+                          query CE (ignore 255) + PAR (align on), SGD lr 1e-3 momentum 0.9 weight
+                          decay 5e-4 over ALL parameters (the whole encoder trains; fss_jax: the
+                          same public train_step on ``configs_lib.panet_settings``, whose
+                          ``train.frozen_keys = ()``)
 The fss_jax side is built from the registry (``configs_lib.base_config(model)`` +
-``set_backbone`` → ``registry.build_model`` / ``registry.init_variables``), so a newly registered
-model needs only its case names here (and a baseline entry in ``_torch_model`` for the torch
-column).
+``set_backbone`` → ``registry.build_model`` / ``registry.init_variables``; PANet's training fields
+from ``configs_lib.panet_settings``), so a newly registered model needs only its case names here
+(and a baseline entry in ``_torch_model`` for the torch column).
+
+Inputs: normal images; each support label an ellipse of 1s (the support's own way's class: the
+N-way contract's labels are relative to their way) on 0s; the query label is the first support's
+(class 1, way 0).
 
 Baselines (PyTorch, ``torch.set_num_threads(os.cpu_count())``, eval under ``no_grad``, train in
 ``model.train()`` as the official scripts do: the backbone's BN then uses batch statistics and
@@ -44,6 +58,17 @@ the same work, although fss_jax configs default to frozen BN, which is cheaper):
           reported from another machine). Its superpixel
           seeds are computed on the host (``place_seed_points``), as the official data loader
           does, once, outside the timing.
+  panet   tests/torch_panet_ref.py (``FewShotSeg``, cfg align=True; ``total_loss``), verified
+          bit-identical to the official kaixin96/PANet code on CPU: its time is the official
+          algorithm's cost, including its Python loops over episodes, ways and shots and its
+          skipping of PAR for a way with no predicted query pixel (fss_jax computes every way
+          and masks; a note under the table lists the ways the baseline skipped). Its inputs
+          are the official nesting (way x shot x [B,3,H,W]) with fg / bg masks (``getMask``:
+          fg = 1, bg = 0 or 255) built once outside the timing, as the official data loader
+          does. Train:
+          ``torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)``,
+          zero_grad, forward, loss, backward, step, as official train.py (MultiStepLR's step
+          is left out, as the poly update is for the others).
 """
 import argparse
 import functools
@@ -65,23 +90,31 @@ CASES = (
     "pfenet_r50_train_1shot_473_b4",
     "pfenet_vgg_eval_1shot_473", "pfenet_vgg_eval_5shot_473", "pfenet_vgg_eval_1shot_233",
     "pfenet_vgg_train_1shot_473_b4",
+    "panet_vgg_eval_1shot_417", "panet_vgg_eval_5shot_417", "panet_vgg_eval_2way_1shot_417",
+    "panet_vgg_eval_1shot_233", "panet_vgg_train_1shot_417_b1",
 )
 # case-name backbone tag -> (config.model.backbone family, ResNet depth; unused for VGG)
 BACKBONES = {"r50": ("resnet", 50), "r101": ("resnet", 101), "vgg": ("vgg16_bn", 50)}
+# Per-model exceptions to BACKBONES: the tag names that model's own network of the family.
+MODEL_BACKBONES = {"panet": {"vgg": ("vgg16_panet", 50)}}
 # What the baseline column is, per model (printed above the table).
 BASELINES = {
     "pfenet": "the official PFENet forward (bit-identical transcription, "
               "tests/torch_pfenet_ref.py)",
     "asgnet": "the official ASGNet forward's work (op-for-op transcription, "
               "tests/torch_asgnet_ref.py *)",
+    "panet": "the official PANet FewShotSeg + PAR (bit-identical transcription, "
+             "tests/torch_panet_ref.py)",
 }
 FOOTNOTE = ("* float64 logits equal to the official Reagan1311/ASGNet code's; interleaved against it "
             "on a 2-core CPU,\n  train b4 0.91-0.97x and eval 1-shot 473 0.98x the official "
             "time (same ops, same allocations).")
 _CASE_RE = re.compile(r"(?P<model>[a-z0-9]+)_(?P<backbone>[a-z0-9]+)_(?P<kind>eval|train)_"
-                      r"(?P<shot>\d+)shot_(?P<size>\d+)(?:_b(?P<batch>\d+))?$")
+                      r"(?:(?P<way>\d+)way_)?(?P<shot>\d+)shot_(?P<size>\d+)"
+                      r"(?:_b(?P<batch>\d+))?$")
 _SGC_RE = re.compile(r"(?P<model>asgnet)_(?P<kind>sgc)_(?P<shot>\d+)shot_(?P<size>\d+)$")
 TRAIN_STEPS = 10_000  # poly schedule length for the train cases (the rate does not change speed)
+_NOTES = {}  # what a child adds to its JSON line (PANet's baseline: the ways PAR skipped)
 
 
 class Case(NamedTuple):
@@ -91,37 +124,50 @@ class Case(NamedTuple):
   shot: int
   size: int               # square input side, 8k+1
   batch: int
+  way: int = 1            # N of N-way episodes (N-way models only)
 
 
 def parse_case(name: str) -> Case:
   """'pfenet_vgg_eval_5shot_473' → Case('pfenet', 'vgg', 'eval', 5, 473, 1);
-  'asgnet_r50_train_1shot_473_b4' → batch 4; 'asgnet_sgc_5shot_473' → kind 'sgc'."""
+  'asgnet_r50_train_1shot_473_b4' → batch 4; 'panet_vgg_eval_2way_1shot_417' → way 2;
+  'asgnet_sgc_5shot_473' → kind 'sgc'."""
   m = _CASE_RE.match(name) or _SGC_RE.match(name)
   if not m:
-    raise ValueError(f"case {name!r} is not <model>_<backbone>_<eval|train>_<K>shot_<size>"
-                     "[_b<batch>] nor asgnet_sgc_<K>shot_<size>")
+    raise ValueError(f"case {name!r} is not <model>_<backbone>_<eval|train>_[<N>way_]<K>shot_"
+                     "<size>[_b<batch>] nor asgnet_sgc_<K>shot_<size>")
   g = m.groupdict()
   backbone = g.get("backbone")
   if backbone is not None and backbone not in BACKBONES:
     raise ValueError(f"case {name!r}: backbone tag {backbone!r} not in {sorted(BACKBONES)}")
+  way = int(g.get("way") or 1)
+  if way < 1:
+    raise ValueError(f"case {name!r}: way must be >= 1")
   return Case(g["model"], backbone, g["kind"], int(g["shot"]), int(g["size"]),
-              int(g.get("batch") or 1))
+              int(g.get("batch") or 1), way)
 
 
-def _inputs(shot, size, batch):
-  """Random episode batch (NHWC): query (B,S,S,3), supports (B,K,S,S,3), support labels
-  (B,K,S,S) with an ellipse of 1s per shot, query label (B,S,S) (= the first shot's)."""
+def backbone_of(case: Case):
+  """(config.model.backbone family, depth) of the case's backbone tag for its model."""
+  return MODEL_BACKBONES.get(case.model, {}).get(case.backbone, BACKBONES[case.backbone])
+
+
+def _inputs(shot, size, batch, way=1):
+  """Random episode batch (NHWC): query (B,S,S,3), supports (B,N·K,S,S,3) way-major, support
+  labels (B,N·K,S,S) with an ellipse of 1s per support (1 = the support's own way's class, the
+  N-way contract's labels being relative to their way), query label (B,S,S) (= the first
+  support's: class 1, way 0). For way = 1 the draws are those of the 1-way cases."""
   import numpy as np
   rng = np.random.default_rng(0)
   yy, xx = np.mgrid[:size, :size]
-  labels = np.zeros((batch, shot, size, size), np.int32)
+  nk = way * shot
+  labels = np.zeros((batch, nk, size, size), np.int32)
   for i in range(batch):
-    for j in range(shot):
+    for j in range(nk):
       cy, cx = rng.uniform(0.35, 0.65, 2) * size
       ry, rx = rng.uniform(0.2, 0.3, 2) * size
       labels[i, j][((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = 1
   q = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
-  s = rng.normal(size=(batch, shot, size, size, 3)).astype(np.float32)
+  s = rng.normal(size=(batch, nk, size, size, 3)).astype(np.float32)
   y = labels[:, 0].copy()
   return q, s, labels, y
 
@@ -172,7 +218,13 @@ def run_jax(case, warmup, repeats, train_bn="batch_stats"):
     return _run_sgc(case, warmup, repeats)
 
   config = configs_lib.base_config(case.model)
-  configs_lib.set_backbone(config, *BACKBONES[case.backbone])
+  if case.model == "panet":
+    # The official recipe: vgg16_panet trained whole (train.frozen_keys = ()), SGD lr 1e-3
+    # momentum 0.9 weight decay 5e-4, PAR on; the case's way / shot.
+    configs_lib.panet_settings(config, {"fold": 0, "shot": case.shot, "way": case.way,
+                                        "align": True})
+  configs_lib.set_backbone(config, *backbone_of(case))
+  config.data.way = case.way
   config.data.shot = case.shot
   config.data.image_size = case.size
   config.data.train_batch_size = case.batch
@@ -181,7 +233,7 @@ def run_jax(case, warmup, repeats, train_bn="batch_stats"):
   model = registry.build_model(config)
   variables = jax.device_put(
       registry.init_variables(model, case.size, case.shot, jax.random.key(0)))
-  q, s, lab, y = _inputs(case.shot, case.size, case.batch)
+  q, s, lab, y = _inputs(case.shot, case.size, case.batch, case.way)
   batch = jax.device_put({"query": q, "supp_images": s, "supp_labels": lab, "query_label": y})
 
   if case.kind == "eval":
@@ -203,11 +255,54 @@ def run_jax(case, warmup, repeats, train_bn="batch_stats"):
   return _time(fn, warmup, repeats)
 
 
+def _torch_optimizer(case, model):
+  """The official training script's optimiser of ``case.model`` on the baseline ``model``."""
+  import torch
+  if case.model == "panet":
+    # kaixin96/PANet train.py: SGD over all parameters (the whole encoder trains).
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+  # PFENet / ASGNet: the backbone (``layer*``) requires_grad False, SGD on the head.
+  head = []
+  for n, p in model.named_parameters():
+    if n.startswith("layer"):
+      p.requires_grad_(False)
+    else:
+      head.append(p)
+  return torch.optim.SGD(head, lr=0.025, momentum=0.9, weight_decay=1e-4)
+
+
 def _torch_model(case):
   """The PyTorch baseline of ``case.model``: (module, forward(x, s_x, s_y) -> out dict,
-  loss(out, y) -> scalar), or None when the model has none."""
+  loss(out, y) -> scalar), or None when the model has none (benchmarks/eval_memory.py uses it
+  too)."""
   import numpy as np
   import torch
+  if case.model == "panet":
+    from tests import torch_panet_ref as ref
+    if case.backbone != "vgg":
+      return None
+    model = ref.FewShotSeg(cfg={"align": True})
+    b, n, k, size = case.batch, case.way, case.shot, case.size
+    _, s, lab, _ = _inputs(k, size, b, n)
+    # The official data loader's work, off the model's clock: way x shot x [B,3,H,W] images
+    # and getMask's fg (label 1) / bg (label 0 or 255; 254 is neither) masks as float.
+    supp = torch.from_numpy(s.transpose(0, 1, 4, 2, 3).copy()).view(b, n, k, 3, size, size)
+    lab = torch.from_numpy(lab).view(b, n, k, size, size)
+    fore = (lab == 1).float()
+    back = ((lab == 0) | (lab == 255)).float()
+    supp_l = [[supp[:, w, j].contiguous() for j in range(k)] for w in range(n)]
+    fore_l = [[fore[:, w, j].contiguous() for j in range(k)] for w in range(n)]
+    back_l = [[back[:, w, j].contiguous() for j in range(k)] for w in range(n)]
+
+    def forward(x, s_x, s_y):
+      del s_x, s_y  # nested above, as the official loader hands them over
+      return model(supp_l, fore_l, back_l, [x])
+
+    def loss(out, y):
+      if "par_skipped" in out:  # what the official alignLoss skipped (it does less work)
+        forward.skipped = out["par_skipped"].tolist()
+      return ref.total_loss(out, y)
+    return model, forward, loss
   if case.model == "pfenet":
     from tests import torch_pfenet_ref as ref
     layers = "vgg" if case.backbone == "vgg" else BACKBONES[case.backbone][1]
@@ -241,7 +336,7 @@ def run_torch(case, warmup, repeats):
     return None
   model, forward, loss_fn = built
   torch_resnet_ref.randomize_(model, seed=0)
-  q, s, lab, y = _inputs(case.shot, case.size, case.batch)
+  q, s, lab, y = _inputs(case.shot, case.size, case.batch, case.way)
   x = torch.from_numpy(q.transpose(0, 3, 1, 2).copy())
   s_x = torch.from_numpy(s.transpose(0, 1, 4, 2, 3).copy())
   s_y = torch.from_numpy(lab).float()
@@ -254,23 +349,21 @@ def run_torch(case, warmup, repeats):
         forward(x, s_x, s_y)
     return _time(fn, warmup, repeats)
 
-  # Train as the official scripts: backbone requires_grad False, only the head in the
-  # optimiser, the whole model in train mode.
+  # Train as the official scripts: the model's official optimiser (PFENet/ASGNet: backbone
+  # requires_grad False, only the head in it; PANet: every parameter), the whole model in train
+  # mode.
   model.train()
-  head = []
-  for n, p in model.named_parameters():
-    if n.startswith("layer"):
-      p.requires_grad_(False)
-    else:
-      head.append(p)
-  opt = torch.optim.SGD(head, lr=0.025, momentum=0.9, weight_decay=1e-4)
+  opt = _torch_optimizer(case, model)
   yt = torch.from_numpy(y).long()
 
   def fn():
     opt.zero_grad()
     loss_fn(forward(x, s_x, s_y), yt).backward()
     opt.step()
-  return _time(fn, warmup, repeats)
+  median = _time(fn, warmup, repeats)
+  if getattr(forward, "skipped", None) is not None:
+    _NOTES["par_skipped"] = forward.skipped
+  return median
 
 
 def _child(args):
@@ -280,7 +373,7 @@ def _child(args):
   else:
     median = run_torch(case, args.warmup, args.repeats)
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print(json.dumps({"median_s": median, "peak_mb": peak_mb}))
+  print(json.dumps({"median_s": median, "peak_mb": peak_mb, **_NOTES}))
 
 
 def _select(cases_arg, models_arg):
@@ -362,6 +455,11 @@ def main():
     sp = f"{t['median_s'] / j['median_s']:.2f}x" if ok(j) and ok(t) else "-"
     print(f"{name:<{width}}{jt:>11}{jm:>9}{tt:>12}{tm:>9}{sp:>10}")
   print("speed-up = baseline s / fss_jax s")
+  for name, res in rows:
+    t = res.get("torch")
+    if isinstance(t, dict) and "par_skipped" in t:
+      print(f"{name}: baseline PAR skipped ways per episode {t['par_skipped']} (a skipped way "
+            "is no work in the official code; fss_jax computes and masks it)")
   if "asgnet" in models and not args.no_torch:
     print(FOOTNOTE)
 
