@@ -23,6 +23,11 @@ OpenCV's does not, so shrunk images differ slightly. Labels take Pillow's neares
 floor((dst + 0.5) * in / out), computed here in exact integer arithmetic (`nearest_indices`);
 OpenCV's INTER_NEAREST_EXACT differs from it at some exact ties.)
 
+An optional second label (`train_transform`'s `extra`, e.g. the query's base-class label of
+BAM/MSANet, `base_label`) goes through the same geometric steps as the label, with the same
+draws (nearest interpolation, 255 padding; BAM's transform_tri.py): no extra random number is
+drawn, so the image and label are the same with and without it.
+
 The reference draws the rotation angle before its coin and allows one more crop redraw
 than documented (its loop test is `<= 30`); neither changes the distribution of the
 result beyond that one redraw, and fss_jax follows the documented 30.
@@ -30,6 +35,7 @@ result beyond that one redraw, and fss_jax follows the documented 30.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 
 import cv2
@@ -114,6 +120,39 @@ def support_label(label: np.ndarray, class_ids, way: int) -> np.ndarray:
   return out
 
 
+@functools.lru_cache(maxsize=64)
+def _base_label_table(base_classes: tuple[int, ...]) -> np.ndarray:
+  table = np.zeros(256, np.uint8)
+  for j, c in enumerate(base_classes):
+    if not 1 <= c <= 254:
+      raise ValueError(f"base class ids must be in 1..254, got {c}")
+    table[c] = j + 1
+  table[IGNORE_LABEL] = IGNORE_LABEL
+  table.setflags(write=False)
+  return table
+
+
+def base_label_table(base_classes) -> np.ndarray:
+  """Read-only uint8 (256,) lookup table of `base_label`: base class c -> (index of c in the
+  ascending base list) + 1, 255 -> 255, every other value -> 0."""
+  classes = tuple(sorted({int(c) for c in base_classes}))
+  if len(classes) > 254:
+    raise ValueError(f"at most 254 base classes fit a uint8 label, got {len(classes)}")
+  return _base_label_table(classes)
+
+
+def base_label(label: np.ndarray, base_classes) -> np.ndarray:
+  """uint8 (H, W) class map -> base-class label (BAM's BaseData / get_mulway_base_data.py): base
+  class c -> (index of c in the ascending base list) + 1, novel classes and 0 -> 0 (background),
+  255 kept. A new array."""
+  return base_label_table(base_classes)[np.asarray(label, np.uint8)]
+
+
+def base_index(class_id: int, base_classes) -> int:
+  """(index of class_id in the ascending base list) + 1, or 0 when it is not a base class."""
+  return int(base_label_table(base_classes)[int(class_id)]) if 0 < int(class_id) < 255 else 0
+
+
 def normalize(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
   """(..., H, W, 3) RGB in 0..255 -> float32 (x - mean) / std, into `out` if given.
 
@@ -187,52 +226,65 @@ def _scaled_hw(h: int, w: int, factor: float) -> tuple[int, int]:
   return round(h * factor), round(w * factor)
 
 
-def resize_longer(image, label, side: int, scratch: Scratch | None = None):
+def _with_extra(image, label, extra, extra_fn):
+  """(image, label) or, with a second label `extra`, (image, label, extra_fn(extra))."""
+  if extra is None:
+    return image, label
+  return image, label, extra_fn(extra)
+
+
+def resize_longer(image, label, side: int, scratch: Scratch | None = None, extra=None):
   """Resizes so the longer side is `side` (the other rounded, >= 1): bilinear image, nearest
-  label (`TrainAugConfig.resize_longer`)."""
+  label (`TrainAugConfig.resize_longer`). With `extra` (a second label of the same size)
+  returns (image, label, extra), extra resized as the label."""
   h, w = label.shape
   ratio = side / max(h, w)
   new_h, new_w = max(round(h * ratio), 1), max(round(w * ratio), 1)
   if (new_h, new_w) == (h, w):
-    return image, label
+    return _with_extra(image, label, extra, lambda x: x)
   image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR,
                      dst=_dst(scratch, "long_img", (new_h, new_w) + image.shape[2:],
                               image.dtype))
-  label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST,
-                     dst=_dst(scratch, "long_lab", (new_h, new_w), label.dtype))
-  return image, label
+  near = lambda x, name: cv2.resize(x, (new_w, new_h), interpolation=cv2.INTER_NEAREST,
+                                    dst=_dst(scratch, name, (new_h, new_w), x.dtype))
+  return _with_extra(image, near(label, "long_lab"), extra, lambda x: near(x, "long_extra"))
 
 
-def random_scale(image, label, rng, scale=(0.9, 1.1), scratch: Scratch | None = None):
+def random_scale(image, label, rng, scale=(0.9, 1.1), scratch: Scratch | None = None,
+                 extra=None):
   """Isotropic rescale by U[scale]: bilinear image, nearest label (cv2 fx/fy mapping).
 
-  With `scratch`, the results are views of its buffers (see `Scratch`).
+  With `scratch`, the results are views of its buffers (see `Scratch`). With `extra` (a second
+  label) returns (image, label, extra), extra scaled as the label.
   """
   factor = scale[0] + (scale[1] - scale[0]) * rng.random()
   h, w = _scaled_hw(*label.shape, factor)
   # OpenCV uses dst only when its size matches; otherwise it returns a new array.
   image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR,
                      dst=_dst(scratch, "scale_img", (h, w) + image.shape[2:], image.dtype))
-  label = cv2.resize(label, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST,
-                     dst=_dst(scratch, "scale_lab", (h, w), label.dtype))
-  return image, label
+  near = lambda x, name: cv2.resize(x, None, fx=factor, fy=factor,
+                                    interpolation=cv2.INTER_NEAREST,
+                                    dst=_dst(scratch, name, (h, w), x.dtype))
+  return _with_extra(image, near(label, "scale_lab"), extra, lambda x: near(x, "scale_extra"))
 
 
 def random_rotate(image, label, rng, angle_range=(-10.0, 10.0), p=0.5,
-                  scratch: Scratch | None = None):
-  """With probability p rotate about the centre; borders = ImageNet mean / 255."""
+                  scratch: Scratch | None = None, extra=None):
+  """With probability p rotate about the centre; borders = ImageNet mean / 255. With `extra`
+  (a second label) returns (image, label, extra), extra rotated as the label."""
   if rng.random() >= p:
-    return image, label
+    return _with_extra(image, label, extra, lambda x: x)
   angle = angle_range[0] + (angle_range[1] - angle_range[0]) * rng.random()
   h, w = label.shape
   matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
   image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=MEAN_255,
                          dst=_dst(scratch, "rot_img", image.shape, image.dtype))
-  label = cv2.warpAffine(label, matrix, (w, h), flags=cv2.INTER_NEAREST,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE_LABEL,
-                         dst=_dst(scratch, "rot_lab", label.shape, label.dtype))
-  return image, label
+  near = lambda x, name: cv2.warpAffine(x, matrix, (w, h), flags=cv2.INTER_NEAREST,
+                                        borderMode=cv2.BORDER_CONSTANT,
+                                        borderValue=IGNORE_LABEL,
+                                        dst=_dst(scratch, name, x.shape, x.dtype))
+  return _with_extra(image, near(label, "rot_lab"), extra, lambda x: near(x, "rot_extra"))
 
 
 def random_blur(image, rng, kernel=5, p=0.5, scratch: Scratch | None = None):
@@ -243,11 +295,14 @@ def random_blur(image, rng, kernel=5, p=0.5, scratch: Scratch | None = None):
                           dst=_dst(scratch, "blur_img", image.shape, image.dtype))
 
 
-def random_hflip(image, label, rng, p=0.5, scratch: Scratch | None = None):
+def random_hflip(image, label, rng, p=0.5, scratch: Scratch | None = None, extra=None):
+  """With probability p flip left-right. With `extra` (a second label) returns (image, label,
+  extra), extra flipped as the label."""
   if rng.random() >= p:
-    return image, label
-  return (cv2.flip(image, 1, dst=_dst(scratch, "flip_img", image.shape, image.dtype)),
-          cv2.flip(label, 1, dst=_dst(scratch, "flip_lab", label.shape, label.dtype)))
+    return _with_extra(image, label, extra, lambda x: x)
+  flip = lambda x, name: cv2.flip(x, 1, dst=_dst(scratch, name, x.shape, x.dtype))
+  return _with_extra(flip(image, "flip_img"), flip(label, "flip_lab"), extra,
+                     lambda x: flip(x, "flip_extra"))
 
 
 def draw_crop(label: np.ndarray, rng: np.random.Generator, size: int, keep: float = 0.85,
@@ -334,7 +389,8 @@ def _outputs(size: int, out):
 
 
 def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                    config: TrainAugConfig = TrainAugConfig(), out=None, keep_value: int = 1):
+                    config: TrainAugConfig = TrainAugConfig(), out=None, keep_value: int = 1,
+                    extra: np.ndarray | None = None, extra_out: np.ndarray | None = None):
   """Reference training augmentation of one image.
 
   Args:
@@ -346,12 +402,18 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
       (e.g. slices of a batch), saving a copy.
     keep_value: the label value whose pixels the crop tries to keep (1; an N-way query: the
       id of the way its class was drawn for).
+    extra: optional second uint8 (H, W) label (BAM's base-class label of the query) given
+      the label's geometric steps with the same draws (nearest, 255 padding); it draws no
+      random number and plays no part in the crop rule, so image and label do not change.
+    extra_out: optional (S, S) buffer for the transformed `extra`.
   Returns:
     image float32 (S, S, 3) normalised, label (S, S) with label's values (uint8 unless
-    `out`), padding 255.
+    `out`), padding 255; with `extra`, also the transformed extra (a third item).
   """
+  if extra is not None and np.shape(extra) != np.shape(label):
+    raise ValueError(f"extra label {np.shape(extra)} and label {np.shape(label)} differ in size")
   if config.mode == "resize_flip":
-    return _resize_flip(image, label, rng, config, out)
+    return _resize_flip(image, label, rng, config, out, extra, extra_out)
   if config.mode != "fss":
     raise ValueError(f"TrainAugConfig.mode must be one of {TRAIN_MODES}, got {config.mode!r}")
   scratch = _THREAD_SCRATCH.scratch
@@ -360,12 +422,19 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
     image_f32 = scratch.get("float", image.shape, np.float32)
     np.copyto(image_f32, image)
     image = image_f32
+  if extra is not None:
+    extra = np.asarray(extra, np.uint8)
   if config.resize_longer > 0:
-    image, label = resize_longer(image, label, config.resize_longer, scratch)
-  image, label = random_scale(image, label, rng, config.scale, scratch)
-  image, label = random_rotate(image, label, rng, config.rotate, config.rotate_p, scratch)
+    image, label, *ex = resize_longer(image, label, config.resize_longer, scratch, extra)
+    extra = ex[0] if ex else None
+  image, label, *ex = random_scale(image, label, rng, config.scale, scratch, extra)
+  extra = ex[0] if ex else None
+  image, label, *ex = random_rotate(image, label, rng, config.rotate, config.rotate_p,
+                                    scratch, extra)
+  extra = ex[0] if ex else None
   image = random_blur(image, rng, config.blur_kernel, config.blur_p, scratch)
-  image, label = random_hflip(image, label, rng, config.flip_p, scratch)
+  image, label, *ex = random_hflip(image, label, rng, config.flip_p, scratch, extra)
+  extra = ex[0] if ex else None
   size = config.size
   y0, x0 = draw_crop(label, rng, size, config.crop_keep, config.crop_redraws, keep_value)
   src, dst = _window(label.shape, size, y0, x0)
@@ -376,16 +445,38 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
   _fill_outside(out_lab, dst, IGNORE_LABEL)
   normalize(image[src], out=out_img[dst])
   out_lab[dst] = label[src]
-  return out_img, out_lab
+  if extra is None:
+    return out_img, out_lab
+  out_extra = _extra_output(size, extra_out)
+  _fill_outside(out_extra, dst, IGNORE_LABEL)
+  out_extra[dst] = extra[src]
+  return out_img, out_lab, out_extra
 
 
-def _resize_flip(image, label, rng, config: TrainAugConfig, out=None):
+def _extra_output(size: int, extra_out):
+  if extra_out is None:
+    return np.empty((size, size), np.uint8)
+  if extra_out.shape != (size, size):
+    raise ValueError(f"extra label buffer {extra_out.shape} does not match size {size}")
+  return extra_out
+
+
+def _resize_flip(image, label, rng, config: TrainAugConfig, out=None, extra=None,
+                 extra_out=None):
   """PANet's training transform: `eval_stretch`, then a left-right flip with p = flip_p."""
   out_img, out_lab = eval_stretch(image, label, config.size, out)
+  out_extra = None
+  if extra is not None:
+    out_extra = _extra_output(config.size, extra_out)
+    out_extra[:] = eval_stretch_label(np.asarray(extra, np.uint8), config.size)
   if rng.random() < config.flip_p:
     out_img[:] = out_img[:, ::-1].copy()
     out_lab[:] = out_lab[:, ::-1].copy()
-  return out_img, out_lab
+    if out_extra is not None:
+      out_extra[:] = out_extra[:, ::-1].copy()
+  if out_extra is None:
+    return out_img, out_lab
+  return out_img, out_lab, out_extra
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -449,10 +540,22 @@ def eval_resize(image: np.ndarray, label: np.ndarray, size: int = 473, out=None)
   _fill_normalized(out_img, (0.0, 0.0, 0.0))
   normalize(cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR),
             out=out_img[:new_h, :new_w])
-  out_lab.fill(IGNORE_LABEL)
-  out_lab[:new_h, :new_w] = cv2.resize(label, (new_w, new_h),
-                                       interpolation=cv2.INTER_NEAREST)
+  eval_resize_label(label, size, out=out_lab)
   return out_img, out_lab
+
+
+def eval_resize_label(label: np.ndarray, size: int = 473, out=None) -> np.ndarray:
+  """The label part of `eval_resize`: nearest resize to `eval_hw`, top-left in a size x size
+  canvas padded with 255 (BAM's transform_tri.Resize does the same to its second label)."""
+  h, w = label.shape
+  new_h, new_w = eval_hw(h, w, size)
+  if out is None:
+    out = np.empty((size, size), np.uint8)
+  elif out.shape != (size, size):
+    raise ValueError(f"output buffer {out.shape} does not match size {size}")
+  out.fill(IGNORE_LABEL)
+  out[:new_h, :new_w] = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+  return out
 
 
 def pad_label(label: np.ndarray, size: int | None = None) -> np.ndarray:
