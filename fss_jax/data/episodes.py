@@ -10,6 +10,14 @@ never targets (their pixels end up background once the label is made binary). An
 is (query, a class drawn uniformly among the query's eligible base classes, K distinct
 support images != query drawn uniformly from the images where that class is eligible).
 
+BAM/MSANet's training lists (`exclude_novel_images=True`; the generator `make_dataset(...,
+filter_intersection=True)`, commented out in BAM's util/dataset.py, that wrote its
+lists/*/fss_list/train files): an image is used at all, as a query or as a support, only if
+*every* class labelled in it (any pixel count; 0 and 255 aside) is a base class; the rest of the
+rule is the one above (a base class with >= MIN_CLASS_PIXELS pixels makes a query, and the
+class index lists the images where each base class has that many). Images holding a novel
+object are dropped instead of having it relabelled background.
+
 Evaluation (§8): walk the split in record order over the images with at least one eligible
 novel class, cycling, one episode per image; the class is drawn among all novel classes
 *present* in the query (any pixel count), supports among the images where the class is
@@ -181,9 +189,15 @@ class TrainSampler:
     return _episode(query, class_id, pool, self.way, self.shot, self.class_images, rng)
 
 
+def only_base_classes(pixels: Mapping[int, int], base_classes: Collection[int]) -> bool:
+  """Whether every class labelled in an image (pixel count > 0) is a base class (BAM's
+  ``set(label_class).issubset(set(sub_list))``)."""
+  return all(c in base_classes for c, n in pixels.items() if n > 0)
+
+
 def train_episode_sampler(images: Sequence[Mapping], base_classes: Collection[int],
                           shot: int, min_pixels: int = MIN_CLASS_PIXELS,
-                          way: int = 1) -> TrainSampler:
+                          way: int = 1, exclude_novel_images: bool = False) -> TrainSampler:
   """Builds the training query list and class index from manifest image entries.
 
   Args:
@@ -192,6 +206,9 @@ def train_episode_sampler(images: Sequence[Mapping], base_classes: Collection[in
     shot: supports per episode.
     min_pixels: eligibility threshold (the reference's 2*32*32).
     way: classes per episode.
+    exclude_novel_images: BAM/MSANet's lists: leave out (as queries and as supports) every
+      image with a labelled class that is not a base class (module docstring). False: such
+      images stay and their other classes become background (PFENet/ASGNet).
   Raises:
     ValueError: no image has a usable base class, or fewer than `way` classes are usable.
   """
@@ -200,7 +217,10 @@ def train_episode_sampler(images: Sequence[Mapping], base_classes: Collection[in
   if way < 1:
     raise ValueError(f"way must be >= 1, got {way}")
   base = {int(c) for c in base_classes}
-  class_images = build_class_index(images, base, min_pixels)
+  table = _pixel_table(images)
+  if exclude_novel_images:
+    table = [px if only_base_classes(px, base) else {} for px in table]
+  class_images = build_class_index(table, base, min_pixels)
   short = {c: len(v) for c, v in class_images.items() if 0 < len(v) <= shot}
   if short:
     logging.warning(
@@ -208,14 +228,15 @@ def train_episode_sampler(images: Sequence[Mapping], base_classes: Collection[in
         "they are not used as training classes", sorted(short), short, shot, shot + 1)
   usable = {c for c, v in class_images.items() if len(v) > shot}
   queries, query_classes = [], []
-  for i, pixels in enumerate(_pixel_table(images)):
+  for i, pixels in enumerate(table):
     eligible = eligible_classes(pixels, usable, min_pixels)
     if eligible:
       queries.append(i)
       query_classes.append(tuple(eligible))
   if not queries:
-    raise ValueError(f"no image has a base class with >= {min_pixels} pixels that is "
-                     f"eligible in at least {shot + 1} images")
+    raise ValueError(f"no image{' without novel classes' if exclude_novel_images else ''} "
+                     f"has a base class with >= {min_pixels} pixels that is eligible in at "
+                     f"least {shot + 1} images")
   if len(usable) < way:
     raise ValueError(f"{way}-way episodes need {way} base classes eligible in more than "
                      f"{shot} images; only {sorted(usable)} are")
@@ -365,7 +386,8 @@ def eval_episode_list(manifest, split: str, fold: int, shot: int, num_episodes: 
 
 
 def train_sampler_for_fold(manifest, split: str, fold: int, shot: int,
-                           min_pixels: int = MIN_CLASS_PIXELS, way: int = 1) -> TrainSampler:
+                           min_pixels: int = MIN_CLASS_PIXELS, way: int = 1,
+                           exclude_novel_images: bool = False) -> TrainSampler:
   """`train_episode_sampler` with the base classes of fold `fold` of a Manifest."""
   return train_episode_sampler(manifest.images(split), fold_classes(manifest, fold, "base"),
-                               shot, min_pixels, way)
+                               shot, min_pixels, way, exclude_novel_images)
