@@ -1,4 +1,5 @@
-"""Grain pipelines of few-shot episodes: TFRecord records -> augmented, batched arrays.
+"""Grain pipelines of few-shot episodes (and of single images, for BAM/MSANet's stage 1):
+TFRecord records -> augmented, batched arrays.
 
 Training: `MapDataset.range(N).shuffle(seed).repeat()` over the training query list
 (a new permutation each epoch), tagged with its global position p, sliced per process
@@ -46,6 +47,41 @@ the padding of the 'pad' resize), no 255.
                                       top-left, padded with 255 (the reference compares
                                       against the max(H, W) square: crop [:L, :L])
   orig_size    int32   (B, 2)         (optional) original (H, W)
+With `base_label=True` (BAM/MSANet stage 2; off by default, and then absent) also
+  query_base_label uint8 (B, S, S)    the query's base-class label (`transforms.base_label`:
+                                      base class c -> its index in the fold's ascending base
+                                      list + 1, novel classes and 0 -> 0, 255 kept), given
+                                      the query's own geometric steps with the same draws
+                                      (training: nearest, 255 padding, BAM's transform_tri;
+                                      evaluation: the same resize as query_label). The
+                                      other keys are byte-identical with and without it.
+  base_class   int32   (B,)           class_id's index in the base list + 1; 0 when class_id
+                                      is not a base class (novel-class evaluation episodes)
+  orig_base_label uint8 (B, M, M)     (evaluation with orig_label) the base-class label at the
+                                      original size, padded as orig_label
+`exclude_novel_images=True` (training) samples from BAM's list instead: no image holding a
+novel class is a query or a support (`episodes.train_episode_sampler`).
+
+Per-image datasets (BAM/MSANet stage 1: PSPNet trained as semantic segmentation of the fold's
+base classes; `semantic_train_dataset`, `semantic_eval_dataset`). The list is every image of
+the split, unfiltered (BAM's BaseData, train and val alike). Training is built like the
+episodes above: `MapDataset.range(N).shuffle(seed).repeat()`, positions tagged, sliced per
+process, batched, each image augmented in place with `np.random.default_rng([seed, p])`
+(`transforms.train_transform` on the base-class label; the crop's keep rule counts label value
+1, i.e. only the first base class, as BAM's Crop does on its multi-class label), so batches
+are the same for any worker count and resume exactly from get_state(); `skip_bad_records`
+substitutes image (record + a) mod N with `default_rng([seed, p, a])`. Evaluation: every image
+once (`transforms.eval_resize`), sliced per process and padded to full batches as above.
+Batched, B = per-process batch size, S = image size, C = `semantic_num_classes` (1 + number of
+base classes):
+  image        float32 (B, S, S, 3)   normalised RGB
+  label        uint8   (B, S, S)      base-class label {0 background, 1..C-1 base classes in
+                                      ascending id order, 255 ignore}
+  index        int64   (B,)           train: stream position; eval: image index in the split
+  record       int64   (B,)           record index of the image in its split
+and for evaluation also
+  valid        bool    (B,)
+An epoch is `semantic_train_size(...) // (B * process_count)` batches (BAM's drop_last).
 """
 from __future__ import annotations
 
@@ -145,10 +181,10 @@ def _as_list(items):
   return list(items)
 
 
-def _episode_specs(batch: int, shot: int, size: int,
-                   way: int = 1) -> dict[str, tuple[tuple[int, ...], Any]]:
+def _episode_specs(batch: int, shot: int, size: int, way: int = 1,
+                   base_label: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
   n = way * shot
-  return {
+  specs = {
       "query": ((batch, size, size, 3), np.float32),
       "query_label": ((batch, size, size), np.uint8),
       "supp_images": ((batch, n, size, size, 3), np.float32),
@@ -159,14 +195,21 @@ def _episode_specs(batch: int, shot: int, size: int,
       "query_record": ((batch,), np.int64),
       "supp_records": ((batch, n), np.int64),
   }
+  if base_label:
+    specs["query_base_label"] = ((batch, size, size), np.uint8)
+    specs["base_class"] = ((batch,), np.int32)
+  return specs
 
 
-def _fill_episode_ids(out, j: int, ep: episodes_lib.Episode, index: int) -> None:
+def _fill_episode_ids(out, j: int, ep: episodes_lib.Episode, index: int,
+                     base_classes: tuple[int, ...] | None = None) -> None:
   out["class_id"][j] = ep.class_id
   out["class_ids"][j] = ep.class_ids
   out["index"][j] = index
   out["query_record"][j] = ep.query
   out["supp_records"][j] = ep.supports
+  if base_classes is not None:
+    out["base_class"][j] = transforms.base_index(ep.class_id, base_classes)
 
 
 # ----------------------------------------------------------------------------- training
@@ -191,18 +234,23 @@ class TrainBatchFn:
   substitute is a pure function of (seed, position, dataset), so batches stay deterministic
   and resume exactly from the iterator state (nothing about skips is stored in it); episodes
   at other positions are untouched.
+
+  With `base_classes` (the fold's base classes, ascending) the batch also holds the query's
+  base-class label, transformed jointly with the query (no extra draw), and `base_class`.
   """
   sampler: episodes_lib.TrainSampler
   reader: tfrecord.TFRecordReader
   aug: transforms.TrainAugConfig
   seed: int
   skip_bad_records: bool = False
+  base_classes: tuple[int, ...] | None = None
   recycler: shm_slots.ArrayRecycler = _recycler_field()
 
   def __call__(self, items: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    with_base = self.base_classes is not None
     out, finish = _new_batch(
-        _episode_specs(len(items), self.sampler.shot, self.aug.size, self.sampler.way),
-        self.recycler)
+        _episode_specs(len(items), self.sampler.shot, self.aug.size, self.sampler.way,
+                       with_base), self.recycler)
     for j, (position, entry) in enumerate(items):
       for attempt in range(MAX_SKIPS_PER_EPISODE + 1):
         seed = [self.seed, position] + ([attempt] if attempt else [])
@@ -210,7 +258,8 @@ class TrainBatchFn:
         ep = self.sampler.sample((entry + attempt) % len(self.sampler), rng)
         try:
           self._load(ep.query, transforms.query_label, ep.class_ids, rng, out["query"][j],
-                     out["query_label"][j], keep_value=ep.query_way + 1)
+                     out["query_label"][j], keep_value=ep.query_way + 1,
+                     out_base=out["query_base_label"][j] if with_base else None)
           for k, s in enumerate(ep.supports):
             self._load(s, functools.partial(transforms.support_label, way=k // ep.shot),
                        ep.class_ids, rng, out["supp_images"][j, k], out["supp_labels"][j, k])
@@ -227,16 +276,18 @@ class TrainBatchFn:
         raise RuntimeError(f"training position {position}: {MAX_SKIPS_PER_EPISODE + 1} "
                            "episodes in a row hit bad records; check the dataset with "
                            "scripts/check_dataset.py")
-      _fill_episode_ids(out, j, ep, position)
+      _fill_episode_ids(out, j, ep, position, self.base_classes)
     return finish(out)
 
   def _load(self, record_index, label_fn, class_ids, rng, out_image, out_label,
-            keep_value=1):
+            keep_value=1, out_base=None):
     """Reads a record, makes its label episode-local (`label_fn(label, class_ids)`) and
-    augments it into the batch slots."""
+    augments it into the batch slots; with `out_base`, also its base-class label, jointly."""
     image, label = load_record(self.reader, record_index)
+    base = None if out_base is None else transforms.base_label(label, self.base_classes)
     transforms.train_transform(image, label_fn(label, class_ids), rng, self.aug,
-                               out=(out_image, out_label), keep_value=keep_value)
+                               out=(out_image, out_label), keep_value=keep_value,
+                               extra=base, extra_out=out_base)
 
 
 def _read_options(threads: int) -> grain.ReadOptions:
@@ -284,19 +335,22 @@ def _check_process(process_index: int, process_count: int) -> None:
 
 
 def _train_positions(dataset_dir, fold, shot, image_size, seed, process_index,
-                     process_count, split, aug, min_pixels, skip_bad_records=False, way=1):
+                     process_count, split, aug, min_pixels, skip_bad_records=False, way=1,
+                     base_label=False, exclude_novel_images=False):
   """(MapDataset of (global position, query-list entry) for this process, batch fn)."""
   _check_process(process_index, process_count)
   seed = _check_seed(seed)
   transforms.check_size(image_size)
   aug = dataclasses.replace(aug or transforms.TrainAugConfig(), size=image_size)
   manifest = schema.load_manifest(dataset_dir)
-  sampler = episodes_lib.train_sampler_for_fold(manifest, split, fold, shot, min_pixels, way)
+  sampler = episodes_lib.train_sampler_for_fold(manifest, split, fold, shot, min_pixels, way,
+                                                bool(exclude_novel_images))
   reader = manifest.source(split).reader
+  base = (tuple(episodes_lib.fold_classes(manifest, fold, "base")) if base_label else None)
   ds = grain.MapDataset.range(len(sampler)).shuffle(seed=seed % 2**32).repeat()
   ds = ds.map_with_index(_TagPosition())
   ds = ds[process_index::process_count]
-  return ds, TrainBatchFn(sampler, reader, aug, int(seed), bool(skip_bad_records))
+  return ds, TrainBatchFn(sampler, reader, aug, int(seed), bool(skip_bad_records), base)
 
 
 def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: int,
@@ -305,7 +359,8 @@ def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed:
                   aug: transforms.TrainAugConfig | None = None,
                   min_pixels: int = episodes_lib.MIN_CLASS_PIXELS,
                   read_threads: int = 1,
-                  skip_bad_records: bool = False, way: int = 1) -> grain.IterDataset:
+                  skip_bad_records: bool = False, way: int = 1, base_label: bool = False,
+                  exclude_novel_images: bool = False) -> grain.IterDataset:
   """Infinite stream of training batches (see the module docstring for the layout).
 
   Args:
@@ -328,11 +383,16 @@ def train_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed:
     skip_bad_records: replace episodes that hit an unreadable record (logged; see
       `TrainBatchFn`) instead of stopping with a `schema.BadRecordError` naming it.
     way: classes per episode (N-way episodes, `episodes.py`).
+    base_label: also `query_base_label` (the query's base-class label, transformed jointly
+      with it) and `base_class` (BAM/MSANet stage 2; module docstring). Other keys unchanged.
+    exclude_novel_images: BAM/MSANet's training list: no image holding a novel class is used
+      (as query or support; `episodes.train_episode_sampler`). False: PFENet/ASGNet's rule.
   Returns:
     IterDataset; `iter()` gives a DatasetIterator with get_state()/set_state().
   """
   ds, fn = _train_positions(dataset_dir, fold, shot, image_size, seed, process_index,
-                            process_count, split, aug, min_pixels, skip_bad_records, way)
+                            process_count, split, aug, min_pixels, skip_bad_records, way,
+                            base_label, exclude_novel_images)
   # Batch the (cheap) positions, then build each batch's arrays in place.
   ds = ds.batch(int(batch_size), drop_remainder=True, batch_fn=_as_list).map(fn)
   return _prefetch(ds, num_workers, read_threads)
@@ -356,22 +416,27 @@ class EvalBatchFn:
   support_annotation: str = "dense"
   scribble_dilation: int = 0
   seed: int = 0
+  base_classes: tuple[int, ...] | None = None
   recycler: shm_slots.ArrayRecycler = _recycler_field()
 
   def __call__(self, slots: list[int]) -> dict[str, np.ndarray]:
-    specs = _episode_specs(len(slots), self.shot, self.image_size, self.way)
+    with_base = self.base_classes is not None
+    specs = _episode_specs(len(slots), self.shot, self.image_size, self.way, with_base)
     specs["valid"] = ((len(slots),), np.bool_)
     if self.orig_label_size is not None:
       m = self.orig_label_size
       specs["orig_label"] = ((len(slots), m, m), np.uint8)
       specs["orig_size"] = ((len(slots), 2), np.int32)
+      if with_base:
+        specs["orig_base_label"] = ((len(slots), m, m), np.uint8)
     out, finish = _new_batch(specs, self.recycler)
     for j, slot in enumerate(slots):
       index = self.process_index + self.process_count * int(slot)
       valid = index < len(self.episodes)
       ep = self.episodes[index if valid else 0]
-      label = self._load(ep.query, transforms.query_label, ep.class_ids, out["query"][j],
-                         out["query_label"][j])
+      label, base = self._load(ep.query, transforms.query_label, ep.class_ids, out["query"][j],
+                               out["query_label"][j],
+                               out["query_base_label"][j] if with_base else None)
       for k, s in enumerate(ep.supports):
         if self.support_annotation == "dense":
           self._load(s, functools.partial(transforms.support_label, way=k // ep.shot),
@@ -379,21 +444,34 @@ class EvalBatchFn:
         else:
           self._load_weak(s, ep.class_ids[k // ep.shot], np.random.default_rng(
               [self.seed, index, k]), out["supp_images"][j, k], out["supp_labels"][j, k])
-      _fill_episode_ids(out, j, ep, index)
+      _fill_episode_ids(out, j, ep, index, self.base_classes)
       out["valid"][j] = valid
       if self.orig_label_size is not None:
         out["orig_label"][j] = transforms.pad_label(label, self.orig_label_size)
         out["orig_size"][j] = label.shape
+        if with_base:
+          out["orig_base_label"][j] = transforms.pad_label(base, self.orig_label_size)
     return finish(out)
 
-  def _load(self, record_index, label_fn, class_ids, out_image, out_label) -> np.ndarray:
+  def _load(self, record_index, label_fn, class_ids, out_image, out_label, out_base=None):
     """Reads a record, makes its label episode-local (`label_fn(label, class_ids)`), resizes
-    both into the batch slots; returns the episode-local label at the original size."""
-    image, label = load_record(self.reader, record_index)
-    label = label_fn(label, class_ids)
-    resize = transforms.eval_stretch if self.resize == "stretch" else transforms.eval_resize
-    resize(image, label, self.image_size, out=(out_image, out_label))
-    return label
+    both into the batch slots (with `out_base`, the base-class label too, resized as the
+    label); returns the episode-local label and the base-class label (None without
+    `out_base`) at the original size."""
+    image, raw = load_record(self.reader, record_index)
+    label = label_fn(raw, class_ids)
+    if self.resize == "stretch":
+      transforms.eval_stretch(image, label, self.image_size, out=(out_image, out_label))
+    else:
+      transforms.eval_resize(image, label, self.image_size, out=(out_image, out_label))
+    base = None
+    if out_base is not None:
+      base = transforms.base_label(raw, self.base_classes)
+      if self.resize == "stretch":
+        out_base[:] = transforms.eval_stretch_label(base, self.image_size)
+      else:
+        transforms.eval_resize_label(base, self.image_size, out=out_base)
+    return label, base
 
   def _load_weak(self, record_index, class_id, rng, out_image, out_label) -> None:
     """A box or scribble support (PANet's test.py): the image resized as a dense one; the
@@ -447,7 +525,7 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
                  read_threads: int = 1, classes: str = "novel",
                  way: int = 1, resize: str = "pad",
                  sampler: str = "walk", support_annotation: str = "dense",
-                 scribble_dilation: int = 0) -> grain.IterDataset:
+                 scribble_dilation: int = 0, base_label: bool = False) -> grain.IterDataset:
   """Finite stream of evaluation batches over exactly `num_episodes` episodes.
 
   Episode i (of `episodes.eval_episodes(..., seed)`) goes to process i % process_count.
@@ -472,6 +550,9 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
       maps, else scribbles generated per episode, `weak.generate_scribbles`, seeded by
       [seed, episode, support]).
     scribble_dilation: PANet's DilateScribble window for scribbles (0: none, its default).
+    base_label: also `query_base_label` (the query's base-class label, resized as query_label)
+      and `base_class` (0 for a novel class), and with `original_label` `orig_base_label`
+      (BAM/MSANet; module docstring). Other keys unchanged.
   """
   _check_process(process_index, process_count)
   transforms.check_size(image_size)
@@ -492,9 +573,189 @@ def eval_dataset(dataset_dir: str, fold: int, shot: int, image_size: int, seed: 
     size = orig_label_size or max(max(im["height"], im["width"])
                                   for im in manifest.images(split))
   slots = eval_batches_per_process(num_episodes, batch_size, process_count) * batch_size
+  base = tuple(episodes_lib.fold_classes(manifest, fold, "base")) if base_label else None
   fn = EvalBatchFn(tuple(eps), reader, int(shot), image_size, process_index, process_count,
                    size, int(way), resize, support_annotation, int(scribble_dilation),
-                   int(seed))
+                   int(seed), base)
+  ds = grain.MapDataset.range(slots).batch(int(batch_size), batch_fn=_as_list).map(fn)
+  return _prefetch(ds, num_workers, read_threads)
+
+
+# ----------------------------------------------------------------------------- per-image
+# Stage 1 of BAM/MSANet: the base learner (PSPNet) trained as plain semantic segmentation of a
+# fold's base classes (module docstring).
+
+
+def semantic_num_classes(manifest: schema.Manifest, fold: int) -> int:
+  """Classes of the fold's per-image segmentation: background + the base classes."""
+  return 1 + len(episodes_lib.fold_classes(manifest, fold, "base"))
+
+
+def _manifest(dataset_dir) -> schema.Manifest:
+  if isinstance(dataset_dir, schema.Manifest):
+    return dataset_dir
+  return schema.load_manifest(dataset_dir)
+
+
+def semantic_train_size(dataset_dir, split: str = "train") -> int:
+  """Images in the per-image training list (every image of the split): an epoch is
+  semantic_train_size // (batch_size * process_count) batches (BAM's drop_last)."""
+  return len(_manifest(dataset_dir).images(split))
+
+
+def semantic_eval_size(dataset_dir, split: str = "val", num_images: int = 0) -> int:
+  """Images `semantic_eval_dataset` evaluates: the split's first `num_images` (0: all)."""
+  n = len(_manifest(dataset_dir).images(split))
+  if num_images < 0:
+    raise ValueError(f"num_images must be >= 0 (0: all), got {num_images}")
+  return min(int(num_images), n) if num_images else n
+
+
+def _semantic_specs(batch: int, size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+  return {
+      "image": ((batch, size, size, 3), np.float32),
+      "label": ((batch, size, size), np.uint8),
+      "index": ((batch,), np.int64),
+      "record": ((batch,), np.int64),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class SemanticTrainBatchFn:
+  """[(position, record), ...] -> one batch of augmented images with base-class labels.
+
+  Position p's image is augmented with `np.random.default_rng([seed, p])`
+  (`transforms.train_transform`, crop rule on label value 1). With `skip_bad_records` an
+  unreadable record is logged and replaced: attempt a = 1, 2, ... takes record
+  (record + a) mod N with `np.random.default_rng([seed, p, a])`, as `TrainBatchFn` does.
+  """
+  reader: tfrecord.TFRecordReader
+  aug: transforms.TrainAugConfig
+  seed: int
+  base_classes: tuple[int, ...]
+  num_records: int
+  skip_bad_records: bool = False
+  recycler: shm_slots.ArrayRecycler = _recycler_field()
+
+  def __call__(self, items: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    out, finish = _new_batch(_semantic_specs(len(items), self.aug.size), self.recycler)
+    table = transforms.base_label_table(self.base_classes)
+    for j, (position, entry) in enumerate(items):
+      for attempt in range(MAX_SKIPS_PER_EPISODE + 1):
+        rng = np.random.default_rng([self.seed, position] + ([attempt] if attempt else []))
+        record = (entry + attempt) % self.num_records
+        try:
+          image, label = load_record(self.reader, record)
+        except schema.BadRecordError as e:
+          if not self.skip_bad_records:
+            raise schema.BadRecordError(e.kind, e.path, e.record, e.image_id,
+                                        e.detail + SKIP_HINT) from e
+          logging.warning("skipping bad record (data.skip_bad_records): %s; training "
+                          "position %d gets a substitute image (attempt %d)",
+                          e, position, attempt + 1)
+          continue
+        # The official crop rule counts label == 1: only the first base class (a quirk kept).
+        transforms.train_transform(image, table[label], rng, self.aug,
+                                   out=(out["image"][j], out["label"][j]), keep_value=1)
+        break
+      else:
+        raise RuntimeError(f"training position {position}: {MAX_SKIPS_PER_EPISODE + 1} "
+                           "records in a row were bad; check the dataset with "
+                           "scripts/check_dataset.py")
+      out["index"][j] = position
+      out["record"][j] = record
+    return finish(out)
+
+
+def semantic_train_dataset(dataset_dir: str, fold: int, image_size: int, seed: int,
+                           batch_size: int, process_index: int = 0, process_count: int = 1,
+                           num_workers: int = 0, *, split: str = "train",
+                           aug: transforms.TrainAugConfig | None = None,
+                           read_threads: int = 1,
+                           skip_bad_records: bool = False) -> grain.IterDataset:
+  """Infinite stream of per-image training batches of the fold's base classes (stage 1 of
+  BAM/MSANet; module docstring for the layout).
+
+  The list is every image of the split, unfiltered (BAM's BaseData: images without a base
+  class train as all background). `MapDataset.range(N).shuffle(seed).repeat()`, positions
+  tagged, sliced per process, batched, each batch built in place (`SemanticTrainBatchFn`): a
+  pure function of (dataset, fold, size, seed, batch number, process slice), the same for any
+  worker count, resumable from the iterator's get_state().
+
+  Args:
+    dataset_dir, fold, image_size, seed, batch_size, process_index, process_count,
+    num_workers, split, read_threads, skip_bad_records: as in `train_dataset`.
+    aug: augmentation settings (size is overridden by image_size; BAM's stage 1 uses
+      scale (0.5, 2.0) at 417).
+  """
+  _check_process(process_index, process_count)
+  seed = _check_seed(seed)
+  transforms.check_size(image_size)
+  aug = dataclasses.replace(aug or transforms.TrainAugConfig(), size=image_size)
+  manifest = schema.load_manifest(dataset_dir)
+  base = tuple(episodes_lib.fold_classes(manifest, fold, "base"))
+  reader = manifest.source(split).reader
+  n = len(manifest.images(split))
+  if n == 0:
+    raise ValueError(f"{manifest.path}: split {split!r} has no images")
+  fn = SemanticTrainBatchFn(reader, aug, seed, base, n, bool(skip_bad_records))
+  ds = grain.MapDataset.range(n).shuffle(seed=seed % 2**32).repeat()
+  ds = ds.map_with_index(_TagPosition())
+  ds = ds[process_index::process_count]
+  ds = ds.batch(int(batch_size), drop_remainder=True, batch_fn=_as_list).map(fn)
+  return _prefetch(ds, num_workers, read_threads)
+
+
+@dataclasses.dataclass(frozen=True)
+class SemanticEvalBatchFn:
+  """[local slot, ...] -> one batch of evaluation images (base-class labels) of this
+  process's slice; rows past the end repeat image 0 with valid == False."""
+  reader: tfrecord.TFRecordReader
+  image_size: int
+  base_classes: tuple[int, ...]
+  num_images: int
+  process_index: int
+  process_count: int
+  recycler: shm_slots.ArrayRecycler = _recycler_field()
+
+  def __call__(self, slots: list[int]) -> dict[str, np.ndarray]:
+    specs = _semantic_specs(len(slots), self.image_size)
+    specs["valid"] = ((len(slots),), np.bool_)
+    out, finish = _new_batch(specs, self.recycler)
+    table = transforms.base_label_table(self.base_classes)
+    for j, slot in enumerate(slots):
+      index = self.process_index + self.process_count * int(slot)
+      valid = index < self.num_images
+      record = index if valid else 0
+      image, label = load_record(self.reader, record)
+      transforms.eval_resize(image, table[label], self.image_size,
+                             out=(out["image"][j], out["label"][j]))
+      out["index"][j] = index
+      out["record"][j] = record
+      out["valid"][j] = valid
+    return finish(out)
+
+
+def semantic_eval_dataset(dataset_dir: str, fold: int, image_size: int, batch_size: int,
+                          process_index: int = 0, process_count: int = 1,
+                          num_workers: int = 0, *, split: str = "val", read_threads: int = 1,
+                          num_images: int = 0) -> grain.IterDataset:
+  """Finite stream over every image of the split (or its first `num_images`; 0: all), each
+  once, with base-class labels, resized by `transforms.eval_resize` (BAM's BaseData val with
+  `resized_val`: no filtering). Image i goes to process i % process_count; every process
+  yields `eval_batches_per_process(semantic_eval_size(...), batch_size, process_count)` full
+  batches, padding rows valid == False (module docstring for the layout).
+  """
+  _check_process(process_index, process_count)
+  transforms.check_size(image_size)
+  manifest = schema.load_manifest(dataset_dir)
+  n = semantic_eval_size(manifest, split, num_images)
+  if n == 0:
+    raise ValueError(f"{manifest.path}: split {split!r} has no images")
+  base = tuple(episodes_lib.fold_classes(manifest, fold, "base"))
+  reader = manifest.source(split).reader
+  slots = eval_batches_per_process(n, batch_size, process_count) * batch_size
+  fn = SemanticEvalBatchFn(reader, image_size, base, n, process_index, process_count)
   ds = grain.MapDataset.range(slots).batch(int(batch_size), batch_fn=_as_list).map(fn)
   return _prefetch(ds, num_workers, read_threads)
 
