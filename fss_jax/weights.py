@@ -138,8 +138,50 @@ def read_model(path: str, model, config) -> dict[str, Any]:
         _check_like(variables.get(collection, {}), template.get(collection, {}),
                     f"{path}: {collection}", f"config.model.name = {config.model.name!r}")
     return variables
-  return torch_import.variables_from_torch(torch_import.load_state_dict(path), template,
-                                           model_naming(config), source=path)
+  state_dict = resolve_aliases(torch_import.load_state_dict(path), model, path)
+  return torch_import.variables_from_torch(state_dict, template, model_naming(config),
+                                           source=path)
+
+
+def resolve_aliases(state_dict: Mapping[str, np.ndarray], model, source: str = "state_dict"
+                    ) -> dict[str, np.ndarray]:
+  """Folds the second copies a reference checkpoint holds of the same tensors into the first
+  (``model.torch_aliases``: (alias prefix, key prefix) pairs; PSPNet's ``encoder.N.`` =
+  ``layerN.``). An alias whose tensor differs from its key's raises ValueError naming both: the
+  file was edited, or is not what it claims."""
+  aliases = tuple(getattr(model, "torch_aliases", ()))
+  if not aliases:
+    return dict(state_dict)
+  out = {}
+  for key, value in state_dict.items():
+    for alias, target in aliases:
+      if key.startswith(alias):
+        out.setdefault(target + key[len(alias):], None)
+        break
+    else:
+      out[key] = value
+  for key, value in state_dict.items():
+    for alias, target in aliases:
+      if key.startswith(alias):
+        real = target + key[len(alias):]
+        if state_dict.get(real) is None:
+          out[real] = value  # only the alias copy is present
+        elif not np.array_equal(np.asarray(state_dict[real]), np.asarray(value)):
+          raise ValueError(f"{source}: {key!r} and {real!r} are the same tensor in the "
+                           "reference model but differ in this file")
+        break
+  return out
+
+
+def add_aliases(state_dict: Mapping[str, np.ndarray], model, naming: keymap.Naming
+                ) -> "collections.OrderedDict[str, np.ndarray]":
+  """The state_dict with each ``model.torch_aliases`` copy added, in the reference's order."""
+  out = dict(state_dict)
+  for alias, target in tuple(getattr(model, "torch_aliases", ())):
+    for key, value in state_dict.items():
+      if key.startswith(target):
+        out[alias + key[len(target):]] = value
+  return collections.OrderedDict((k, out[k]) for k in naming.sorted(out))
 
 
 def read_asgnet_as_prior(path: str, config) -> dict[str, Any]:
@@ -162,7 +204,112 @@ def model_state_dict(variables: Mapping[str, Any], config
                      ) -> "collections.OrderedDict[str, np.ndarray]":
   """Whole-model variables → the reference checkpoint's state_dict (its keys, in its order),
   which its model loads with ``load_state_dict(strict=True)``."""
-  return torch_export.state_dict_from_variables(variables, model_naming(config))
+  naming = model_naming(config)
+  state_dict = torch_export.state_dict_from_variables(variables, naming)
+  return add_aliases(state_dict, registry.build_model(config), naming)
+
+
+# ----------------------------------------------------------------------------- stage 1 → 2
+
+# The stage-1 model's parts that BAM/MSANet keep (frozen): backbone, and PSPNet's ppm + cls as
+# their learner_base (an nn.Sequential(ppm, cls): ppm → '0', cls_k → '1_k').
+_BASE_LEARNER_PARTS = {"ppm": "0", "cls_0": "1_0", "cls_1": "1_1", "cls_4": "1_4"}
+
+
+class BaseLearnerError(ValueError):
+  """The stage-1 base learner a stage-2 model needs is missing or does not fit."""
+
+
+def stage1_config(config):
+  """The PSPNet config of a BAM/MSANet config's stage 1 (same data, backbone and head)."""
+  from fss_jax import configs_lib  # pylint: disable=g-import-not-at-top
+  c = configs_lib.base_config("pspnet")
+  c.data = config.data.copy_and_resolve_references()
+  for field in ("backbone", "depth", "backbone_dtype", "backbone_width", "backbone_blocks",
+                "classes", "ppm_bins", "cls_dim"):
+    c.model[field] = config.model[field]
+  return c
+
+
+def stage1_command(config) -> str:
+  """The command that trains ``config``'s stage 1 (for error messages)."""
+  d, m = config.data, config.model
+  name = {"pascal5i": "pascal", "coco20i": "coco"}.get(d.dataset, d.dataset)
+  arg = f"fold={d.fold}"
+  if name in ("pascal", "coco"):
+    arg += ",backbone=" + {"resnet": f"resnet{m.depth}"}.get(m.backbone, m.backbone)
+  return f"python scripts/train.py --config=configs/{name}_bam_base.py:{arg} --workdir=<stage-1 workdir>"
+
+
+def read_base_learner(path: str, config) -> dict[str, Any]:
+  """The stage-1 PSPNet of a BAM/MSANet ``config`` → {'params'/'batch_stats': {'backbone',
+  'learner_base'}}.
+
+  ``path``: a stage-1 ``train.py`` workdir (its best checkpoint; its config must have the same
+  dataset, fold and backbone), BAM's released ``best.pth`` (both key copies, ``module.``
+  prefixes accepted), or our ``.safetensors``/``.msgpack`` of a PSPNet.
+  Raises BaseLearnerError naming the file and the stage-1 command when it is missing or does
+  not fit.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  hint = f"train it with: {stage1_command(config)}"
+  if not path:
+    raise BaseLearnerError(
+        f"config.model.base_weights is empty: {config.model.name} trains on a stage-1 base "
+        f"learner (a PSPNet on the fold's base classes); {hint}, then pass "
+        "--config.model.base_weights=<that workdir> (or BAM's released best.pth)")
+  path = os.path.expanduser(path)
+  if not os.path.exists(path):
+    raise BaseLearnerError(f"config.model.base_weights = {path!r} does not exist; {hint}")
+  c1 = stage1_config(config)
+  psp = registry.build_model(c1)
+  try:
+    if os.path.isdir(path):
+      from fss_jax import configs_lib  # pylint: disable=g-import-not-at-top
+      from fss_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+      run = configs_lib.load_run_config(path)
+      mine = (config.data.dataset, int(config.data.fold))
+      theirs = (run.data.dataset, int(run.data.fold))
+      if run.model.name != "pspnet" or mine != theirs:
+        raise BaseLearnerError(
+            f"{path} is a run of model {run.model.name!r} on {theirs[0]} fold {theirs[1]}, not "
+            f"the stage-1 PSPNet of {mine[0]} fold {mine[1]}; {hint}")
+      variables, _ = ckpt_lib.load_model_variables(path, "best")
+      _check_like(variables["params"], registry.variables_template(psp)["params"],
+                  f"{path}: stage-1 params", "model.backbone / depth / classes")
+    else:
+      variables = read_model(path, psp, c1)
+  except (ValueError, FileNotFoundError) as e:
+    if isinstance(e, BaseLearnerError):
+      raise
+    raise BaseLearnerError(f"config.model.base_weights = {path!r} is not a stage-1 PSPNet "
+                           f"of this config: {e}\n{hint}") from e
+  out = {}
+  for collection, tree in variables.items():
+    if collection not in keymap.COLLECTIONS:
+      continue
+    part = {"backbone": tree["backbone"]}
+    part["learner_base"] = {new: tree[old] for old, new in _BASE_LEARNER_PARTS.items()
+                            if old in tree}
+    out[collection] = part
+  return out
+
+
+def load_base_learner(variables: Mapping[str, Any], config) -> dict[str, Any]:
+  """``variables`` with ``backbone`` and ``learner_base`` replaced by the stage-1 model of
+  ``config.model.base_weights`` (``read_base_learner``), shapes checked."""
+  loaded = read_base_learner(config.model.base_weights, config)
+  out = {c: dict(v) for c, v in variables.items()}
+  for collection in keymap.COLLECTIONS:
+    for part in ("backbone", "learner_base"):
+      want = out.get(collection, {}).get(part)
+      if want is None:
+        continue
+      got = loaded.get(collection, {}).get(part)
+      _check_like(got or {}, want, f"{config.model.base_weights}: {part} {collection}",
+                  "check config.model.backbone / depth / classes")
+      out[collection][part] = jax.tree.map(jnp.asarray, got)
+  return out
 
 
 def backbone_state_dict(variables: Mapping[str, Any], name: str

@@ -31,21 +31,20 @@ def _shot_prior(query_l4: jax.Array, supp_l4: jax.Array, eps: float) -> jax.Arra
   return (sim - lo) / (hi_ - lo + eps)
 
 
-def prior_mask(query_l4: jax.Array, supp_l4: jax.Array, supp_fg: jax.Array,
-               out_hw: tuple[int, int], eps: float = COSINE_EPS) -> jax.Array:
-  """The prior mask of a batch of episodes (no gradient).
+def shot_priors(query_l4: jax.Array, supp_l4: jax.Array, supp_fg: jax.Array,
+                out_hw: tuple[int, int], eps: float = COSINE_EPS) -> jax.Array:
+  """Each shot's normalised prior map (no gradient): (B,K,out_h,out_w).
 
   Args:
     query_l4: (B,h,w,C) query layer4 features (h = w: the reference reshapes to a square).
-    supp_l4: (B,K,h',w',C) layer4 features of each shot's *masked* layer3 (layer4(layer3 · m)).
+    supp_l4: (B,K,h',w',C) layer4 features of each shot (PFENet, BAM: of its *masked* layer3,
+      layer4(layer3 · m); MSANet: of the unmasked layer3).
     supp_fg: (B,K,H,W) float foreground masks at full resolution ((label == 1), 255 → 0); each
       is resized (bilinear, align_corners) to (h', h') and multiplies its shot's features.
-    out_hw: the query layer3 size: each shot's map is resized (bilinear, align_corners) to it
-      before the mean (the reference resizes the mean once more, to the reduced query feature's
-      size, which is the same size).
+    out_hw: the query layer3 size: each shot's map is resized (bilinear, align_corners) to it.
   Returns:
-    (B, out_h, out_w, 1) in [0, 1): the mean over shots of each shot's normalised map. An empty
-    support mask gives exactly 0 for its shot (0 / (0 + eps)).
+    (B, K, out_h, out_w) in [0, 1). An empty support mask gives exactly 0 for its shot
+    (0 / (0 + eps)).
   """
   b, h, w, _ = query_l4.shape
   k, hs = supp_l4.shape[1], supp_l4.shape[2]
@@ -63,6 +62,13 @@ def prior_mask(query_l4: jax.Array, supp_l4: jax.Array, supp_fg: jax.Array,
                               (hs, hs)).reshape((b, k, hs, hs, 1))
   supp_l4 = supp_l4 * m4
   maps = [ops.resize_bilinear_ac(_shot_prior(query_l4, supp_l4[:, i], eps).reshape((b, h, w, 1)),
-                                 out_hw) for i in range(k)]
-  prior = jnp.mean(jnp.concatenate(maps, axis=-1), axis=-1, keepdims=True)
-  return jax.lax.stop_gradient(prior)
+                                 out_hw)[..., 0] for i in range(k)]
+  return jax.lax.stop_gradient(jnp.stack(maps, axis=1))
+
+
+def prior_mask(query_l4: jax.Array, supp_l4: jax.Array, supp_fg: jax.Array,
+               out_hw: tuple[int, int], eps: float = COSINE_EPS) -> jax.Array:
+  """PFENet's prior mask of a batch of episodes (no gradient): the mean over shots of
+  ``shot_priors`` (same arguments), (B, out_h, out_w, 1) in [0, 1). (The reference resizes the
+  mean once more, to the reduced query feature's size, which is the same size.)"""
+  return jnp.mean(shot_priors(query_l4, supp_l4, supp_fg, out_hw, eps), axis=1)[..., None]

@@ -27,13 +27,17 @@ import jax.numpy as jnp
 import ml_collections
 
 from fss_jax.models import asgnet
+from fss_jax.models import bam
 from fss_jax.models import panet
 from fss_jax.models import pfenet
+from fss_jax.models import pspnet
 
 MODELS = {
     "asgnet": asgnet,
+    "bam": bam,
     "panet": panet,
     "pfenet": pfenet,
+    "pspnet": pspnet,
 }
 
 
@@ -54,15 +58,34 @@ def build_model(config) -> nn.Module:
   return get(config.model.name).from_config(config)
 
 
-def _init_fn(model: nn.Module, image_size: int, shot: int):
+def task(model: nn.Module) -> str:
+  """'episodes' (few-shot models: episode batches) or 'semantic' (per-image batches: PSPNet,
+  the base learner of BAM/MSANet), the batch kind the model's ``inputs`` name."""
+  return getattr(model, "task", "episodes")
+
+
+def dummy_inputs(model: nn.Module, image_size: int, shot: int) -> dict[str, jax.Array]:
+  """One example of each of ``model.inputs`` (zeros; support labels all foreground), S×S."""
   s = int(image_size)
   # N-way models take way·shot supports (their parameters do not depend on it).
   n = int(getattr(model, "way", 1)) * int(shot)
-  query = jnp.zeros((1, s, s, 3), jnp.float32)
-  supp = jnp.zeros((1, n, s, s, 3), jnp.float32)
-  labels = jnp.ones((1, n, s, s), jnp.int32)
-  return lambda rng: model.init({"params": rng, "dropout": rng}, query, supp, labels,
-                                train=False)
+  known = {
+      "query": lambda: jnp.zeros((1, s, s, 3), jnp.float32),
+      "image": lambda: jnp.zeros((1, s, s, 3), jnp.float32),
+      "supp_images": lambda: jnp.zeros((1, n, s, s, 3), jnp.float32),
+      "supp_labels": lambda: jnp.ones((1, n, s, s), jnp.int32),
+      "base_class": lambda: jnp.zeros((1,), jnp.int32),
+  }
+  unknown = [k for k in model.inputs if k not in known]
+  if unknown:
+    raise ValueError(f"{type(model).__name__}.inputs has keys {unknown} that "
+                     "registry.dummy_inputs does not know how to build")
+  return {k: known[k]() for k in model.inputs}
+
+
+def _init_fn(model: nn.Module, image_size: int, shot: int):
+  inputs = dummy_inputs(model, image_size, shot)
+  return lambda rng: model.init({"params": rng, "dropout": rng}, **inputs, train=False)
 
 
 def init_variables(model: nn.Module, image_size: int, shot: int,

@@ -123,6 +123,12 @@ def make_optimizer(config, total_steps: Optional[int] = None,
       optax.add_decayed_weights(float(train.get("weight_decay", 0.0))),
       optax.sgd(schedule, momentum=momentum if momentum > 0 else None, nesterov=False),
   )
+  scale = float(train.get("backbone_lr_scale", 1.0))
+  if scale != 1.0:
+    # Per-group rates (BAM's stage 1: the encoder at base_lr, PPM and classifier at 10×): SGD's
+    # update is −lr · buf with a buffer independent of lr, so scaling the backbone's updates
+    # is exactly a backbone rate of scale × lr (weight decay and momentum unchanged).
+    tx = optax.chain(tx, scale_subtree(BACKBONE_KEY, scale))
   frozen_layers = tuple((config.get("model") or {}).get("frozen_layers", ()))
   if not frozen_layers:
     return tx
@@ -130,6 +136,26 @@ def make_optimizer(config, total_steps: Optional[int] = None,
   # variant: layer0, layer1): their zero gradients pass through unchanged, so neither weight
   # decay nor momentum moves them (PyTorch's SGD skips parameters without a gradient).
   return optax.masked(tx, lambda params: backbone_layer_mask(params, frozen_layers))
+
+
+BACKBONE_KEY = "backbone"
+
+
+def scale_subtree(key: str, factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates under the top-level ``key`` by ``factor`` (others unchanged)."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    if key not in updates:
+      return updates, state
+    out = dict(updates)
+    out[key] = jax.tree.map(lambda u: u * jnp.asarray(factor, u.dtype), updates[key])
+    return out, state
+
+  return optax.GradientTransformation(init, update)
 
 
 def backbone_layer_mask(params: Mapping[str, Any], frozen_layers: Sequence[str]):

@@ -94,7 +94,7 @@ def train_step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array, *,
                             trainable=keep(new_trainable, state.trainable),
                             batch_stats=keep(new_stats, state.batch_stats),
                             opt_state=keep(new_opt, state.opt_state))
-  label = batch["query_label"]
+  label = batch[model.targets[0]]  # the label of 'logits' (query_label; 'label' per image)
   valid = label != 255
   acc = jnp.sum((pred == label) & valid) / jnp.maximum(jnp.sum(valid), 1)
   return new_state, {"loss": total, **terms, "pixel_acc": acc, "finite": finite}
