@@ -240,7 +240,8 @@ def _joint_oracle(image, raw, class_id, sub_list, rng, cfg):
 
 
 @pytest.mark.parametrize("aug", [transforms.TrainAugConfig(),
-                                 transforms.TrainAugConfig(resize_longer=60, scale=(0.5, 2.0))])
+                                 transforms.TrainAugConfig(resize_longer=60, scale=(0.5, 2.0)),
+                                 transforms.TrainAugConfig(scale=(0.2, 0.3))])  # padded crops
 def test_train_query_base_label_is_joint_and_changes_nothing_else(data_dir, aug):
   kw = dict(fold=0, shot=2, image_size=SIZE, seed=5, batch_size=4, min_pixels=MIN_PIXELS,
             aug=aug)
@@ -268,6 +269,8 @@ def test_train_query_base_label_is_joint_and_changes_nothing_else(data_dir, aug)
       np.testing.assert_array_equal(b["query"][j], img)
       np.testing.assert_array_equal(ql, q)
       np.testing.assert_array_equal(qb, base)
+      if aug.scale[1] < 0.5:  # the crop window reaches past the image: padding 255
+        assert (b["query"][j] == 0).all(-1).any() and (qb == 255).any()
 
 
 def test_train_base_label_resume_and_resize_flip(data_dir):
