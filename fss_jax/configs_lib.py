@@ -140,6 +140,11 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
   # with the shard file, record and image id.
   c.data.skip_bad_records = False
   c.data.min_class_pixels = 2 * 32 * 32
+  # Stage 2 of BAM/MSANet: train on BAM's image lists, which drop every training image with a
+  # novel-class pixel (True), instead of PFENet/ASGNet's relabelling of them as background.
+  c.data.exclude_novel_images = False
+  # Per-image models (PSPNet, the stage-1 base learner): validation images (0: the whole split).
+  c.data.eval_images = 0
   # The reference yaml sets ori_resize: True (score against the original-size label);
   # False scores at image_size (cheaper; what most re-implementations report).
   c.data.original_label_eval = False
@@ -182,7 +187,10 @@ def base_config(model_name: str = "asgnet") -> ml_collections.ConfigDict:
   c.train.schedule = "poly"
   c.train.milestones = ()
   c.train.gamma = 0.1
-  c.train.aux_weight = 1.0             # the FEM models' auxiliary-loss weight
+  c.train.aux_weight = 1.0             # the FEM models' auxiliary-loss weight (BAM: meta loss)
+  # The backbone's rate as a fraction of train.lr (BAM's stage 1: 0.1, encoder at base_lr and
+  # PPM/classifier at 10 x base_lr); 1.0 everywhere else.
+  c.train.backbone_lr_scale = 1.0
   c.train.frozen_keys = ("backbone",)  # top-level params without gradient / optimiser state
   c.train.log_every = 50               # steps
   c.train.eval_every = 0               # steps; 0: use eval_every_epochs
@@ -324,6 +332,82 @@ def panet_settings(config: ml_collections.ConfigDict,
   return config
 
 
+BAM_ARGS = {"fold": 0, "shot": 1, "backbone": "resnet50"}
+BAM_BACKBONES = ("resnet50", "resnet101", "vgg16_bn")
+# 1 + base classes of a fold (the base learner's outputs).
+BAM_CLASSES = {"pascal5i": 16, "coco20i": 61, "synthetic": 16}
+
+
+def bam_base_settings(config: ml_collections.ConfigDict, dataset: str,
+                      args: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Stage 1 of BAM/MSANet (chunbolang/BAM ``train_base.py``, ``config/*/*_base.yaml``;
+  reference_msanet.md §1.1), in place: PSPNet on the fold's base classes (per-image batches),
+  417² crops, RandScale [0.5, 2.0], rotation ±10°, blur, flip; the whole network trained, BN
+  in batch-statistics mode (the reference's SyncBN: statistics over the global batch of 12);
+  SGD momentum 0.9, weight decay 1e-4, poly 0.9 per iteration, base_lr 2.5e-4 with the
+  PPM/classifier at 10× (``train.lr`` = 2.5e-3 is that effective rate): PASCAL
+  ``index_split: 0`` puts the encoder at base_lr (``train.backbone_lr_scale`` 0.1), COCO's
+  ``index_split: -1`` puts everything at 10× (scale 1.0); 100 epochs (PASCAL) / 20 (COCO),
+  validation every epoch on the whole validation split (base-class mIoU, resized labels,
+  ``fss_jax/train/semantic.py``), seed 321. ``model.backbone_weights``: the ImageNet file
+  (``resnet50_v2.pth``, ``vgg16_bn``), as the reference starts from it."""
+  config.data.dataset = dataset
+  config.data.fold = int(args["fold"])
+  family, depth = BACKBONES[args["backbone"]]
+  set_backbone(config, family, depth)
+  config.model.classes = BAM_CLASSES[dataset]
+  config.model.bn_mode = "batch_stats"
+  config.data.image_size = 417
+  config.data.train_batch_size = 12
+  config.data.eval_batch_size = 12
+  config.data.scale = (0.5, 2.0)
+  config.train.frozen_keys = ()
+  config.train.lr = 2.5e-3
+  config.train.backbone_lr_scale = 0.1 if dataset == "pascal5i" else 1.0
+  config.train.weight_decay = 1e-4
+  config.train.epochs = 100 if dataset == "pascal5i" else 20
+  config.train.eval_every_epochs = 1
+  return config
+
+
+def bam_settings(config: ml_collections.ConfigDict, dataset: str,
+                 args: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Stage 2 of BAM (chunbolang/BAM ``train.py``, ``config/*/*_split*_{resnet50,vgg}.yaml``;
+  reference_msanet.md §11), in place: the frozen stage-1 PSPNet (``model.base_weights``: its
+  workdir or BAM's released best.pth; required), BN frozen everywhere (fix_bn), BAM's training
+  lists (images with a novel-class pixel dropped: ``data.exclude_novel_images``); batch 8,
+  SGD momentum 0.9, weight decay 1e-4, base_lr 0.005 with every group at 10× (``index_split:
+  -1``: ``train.lr`` 0.05), poly 0.9; PASCAL 473², scale 0.9–1.1, 200 epochs; COCO 641², scale
+  0.8–1.25, 50 epochs; rotation ±10°; validation every epoch on 1000 episodes (seed 321,
+  original labels); the reported evaluation is the 'bam' protocol (5 seeds × 1000 episodes)."""
+  config.data.dataset = dataset
+  config.data.fold = int(args["fold"])
+  config.data.shot = int(args["shot"])
+  family, depth = BACKBONES[args["backbone"]]
+  set_backbone(config, family, depth)
+  config.model.classes = BAM_CLASSES[dataset]
+  config.model.bn_mode = "frozen"
+  config.data.exclude_novel_images = True
+  config.data.train_batch_size = 8
+  config.data.eval_batch_size = 1
+  config.data.eval_episodes = 1000
+  config.data.original_label_eval = True
+  config.eval.protocol = "bam"
+  config.train.frozen_keys = ("backbone", "learner_base")
+  config.train.lr = 0.05
+  config.train.weight_decay = 1e-4
+  config.train.eval_every_epochs = 1
+  if dataset == "coco20i":
+    config.data.image_size = 641
+    config.data.scale = (0.8, 1.25)
+    config.train.epochs = 50
+  else:
+    config.data.image_size = 473
+    config.data.scale = (0.9, 1.1)
+    config.train.epochs = 200
+  return config
+
+
 def synthetic_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The procedural-dataset default run (in place): 97² episodes generated on first use, a small
   ResNet trained from scratch with the head (BN in batch-statistics mode), relative FEM bins,
@@ -353,6 +437,28 @@ def synthetic_settings(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config.train.eval_at_start = True  # logs the untrained model's score as the baseline
   config.train.eval_every_epochs = 0
   config.train.checkpoint_every = 500
+  return config
+
+
+def synthetic_bam_settings(config: ml_collections.ConfigDict,
+                           stage: int) -> ml_collections.ConfigDict:
+  """BAM's two stages on the procedural dataset (after ``synthetic_settings`` or
+  ``tiny_settings``), in place. Stage 1: the PSPNet trained from scratch, whole, BN in
+  batch-statistics mode, one rate for all of it (a tenth for a random backbone would only slow
+  it down), a light classifier (``model.cls_dim`` 128). Stage 2: BAM on that frozen network,
+  BN frozen, BAM's training lists, the same schedule as the other synthetic runs."""
+  config.model.classes = BAM_CLASSES["synthetic"]
+  config.model.cls_dim = 128
+  if stage == 1:
+    config.model.bn_mode = "batch_stats"
+    config.train.frozen_keys = ()
+    config.train.backbone_lr_scale = 1.0
+    config.train.select_on = "novel"  # unused: per-image runs select on base-class mIoU
+  else:
+    config.model.bn_mode = "frozen"
+    config.model.reduce_dim = 64 if config.data.image_size > 65 else 16
+    config.data.exclude_novel_images = True
+    config.train.frozen_keys = ("backbone", "learner_base")
   return config
 
 

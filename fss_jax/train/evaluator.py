@@ -244,7 +244,8 @@ class Evaluator:
         split=self.split, original_label=self.original_label, min_pixels=self.min_pixels,
         read_threads=self.read_threads, classes=self.which, way=self.way,
         resize=self.resize, sampler=self.sampler, support_annotation=self.support_annotation,
-        scribble_dilation=self.scribble_dilation)
+        scribble_dilation=self.scribble_dilation,
+        base_label="base_class" in self.model.inputs)
     keys = list(self.model.inputs) + (
         ["orig_label", "orig_size"] if self.original_label else ["query_label"])
     meter = metrics_lib.FewShotMeter(self.classes, self.metric)

@@ -50,6 +50,7 @@ from fss_jax.train import checkpoint as ckpt_lib
 from fss_jax.train import evaluator as evaluator_lib
 from fss_jax.train import logging as logging_lib
 from fss_jax.train import optim
+from fss_jax.train import semantic as semantic_lib
 from fss_jax.train import sharding
 from fss_jax.train import step as step_lib
 from fss_jax.train import workdir as workdir_lib
@@ -136,6 +137,19 @@ def _mean_metrics(pending: list) -> dict:
   return out
 
 
+def episode_options(model, config, *, train: bool, sampler_only: bool = False) -> dict:
+  """The episode pipeline's options a model needs: stage-2 models (BAM, MSANet) read the
+  query's base-class label and the episode class's base index (``base_label``), and train on
+  BAM's image lists (``data.exclude_novel_images``)."""
+  wants_base = "base_class" in model.inputs or "query_base_label" in model.targets
+  out = {}
+  if train:
+    out["exclude_novel_images"] = bool(config.data.get("exclude_novel_images", False))
+  if not sampler_only:
+    out["base_label"] = wants_base
+  return out
+
+
 # ----------------------------------------------------------------------------- main loop
 
 
@@ -178,22 +192,37 @@ def _train_and_evaluate(config, workdir: str, step_hook) -> dict:
   if scale_msg:
     log(scale_msg)
   way = int(d.get("way", 1))
-  sampler = episodes_lib.train_sampler_for_fold(manifest, d.train_split, d.fold, d.shot,
-                                                d.min_class_pixels, way)
-  plan = Plan(config, len(sampler))
+  model = registry.build_model(config)
+  # 'episodes' (few-shot models) or 'semantic' (per-image: PSPNet, BAM's stage 1)
+  semantic = registry.task(model) == "semantic"
+  if semantic:
+    num_train = pipeline.semantic_train_size(dataset_dir, d.train_split)
+    task = f"per-image base-class segmentation; {num_train} training images"
+    semantic_lib.check_classes(config, manifest)
+  else:
+    sampler = episodes_lib.train_sampler_for_fold(
+        manifest, d.train_split, d.fold, d.shot, d.min_class_pixels, way,
+        **episode_options(model, config, train=True, sampler_only=True))
+    num_train = len(sampler)
+    task = (f"{f'{way}-way ' if way > 1 else ''}{d.shot}-shot; {num_train} training queries")
+  plan = Plan(config, num_train)
   log(f"fss_jax: {jax.process_count()} process(es), {jax.device_count()} "
       f"{jax.devices()[0].platform} device(s); dataset {dataset_dir} fold {d.fold} "
-      f"{f'{way}-way ' if way > 1 else ''}{d.shot}-shot; {len(sampler)} training queries, {plan.total_steps} steps "
+      f"{task}, {plan.total_steps} steps "
       f"(batch {d.train_batch_size}, {plan.steps_per_epoch} steps/epoch)")
 
   # ---- model, optimiser, state ----
-  model = registry.build_model(config)
   init_rng, train_rng = jax.random.split(jax.random.key(int(t.seed)))
   variables = registry.init_variables(model, d.image_size, d.shot, init_rng)
+  if "base_weights" in config.model and not config.model.init_weights:
+    # Stage 2 (BAM, MSANet): the frozen backbone and base learner of the stage-1 PSPNet.
+    variables = weights.load_base_learner(variables, config)
+    log(f"stage-1 base learner: {config.model.base_weights}")
   if config.model.backbone_weights:
     variables = weights.load_backbone(variables, config)
     log(f"backbone weights: {config.model.backbone_weights}")
-  elif "backbone" in tuple(t.frozen_keys) and not config.model.init_weights:
+  elif ("backbone" in tuple(t.frozen_keys) and not config.model.init_weights
+        and "base_weights" not in config.model):
     log("WARNING: config.model.backbone_weights is empty and the backbone is frozen: training "
         "on a random backbone (import ImageNet weights with scripts/convert_backbone.py).")
   if config.model.init_weights:  # a whole model to start from (head and backbone)
@@ -208,19 +237,30 @@ def _train_and_evaluate(config, workdir: str, step_hook) -> dict:
       f"{optim.count_params(state.frozen):,} frozen")
 
   # ---- data ----
-  train_ds = pipeline.train_dataset(
-      dataset_dir, d.fold, d.shot, d.image_size, int(d.seed), local_batch,
-      jax.process_index(), jax.process_count(), int(d.num_workers), split=d.train_split,
-      aug=dataset_dir_lib.train_aug(config), min_pixels=int(d.min_class_pixels),
-      read_threads=int(d.read_threads),
-      skip_bad_records=bool(d.get("skip_bad_records", False)), way=way)
+  if semantic:
+    train_ds = pipeline.semantic_train_dataset(
+        dataset_dir, d.fold, d.image_size, int(d.seed), local_batch, jax.process_index(),
+        jax.process_count(), int(d.num_workers), split=d.train_split,
+        aug=dataset_dir_lib.train_aug(config), read_threads=int(d.read_threads),
+        skip_bad_records=bool(d.get("skip_bad_records", False)))
+  else:
+    train_ds = pipeline.train_dataset(
+        dataset_dir, d.fold, d.shot, d.image_size, int(d.seed), local_batch,
+        jax.process_index(), jax.process_count(), int(d.num_workers), split=d.train_split,
+        aug=dataset_dir_lib.train_aug(config), min_pixels=int(d.min_class_pixels),
+        read_threads=int(d.read_threads),
+        skip_bad_records=bool(d.get("skip_bad_records", False)), way=way,
+        **episode_options(model, config, train=True))
   train_iter = iter(train_ds)
 
   # In-training selection: cheap and protocol-independent. The final evaluation: the protocol.
-  select_eval = evaluator_lib.from_config(
-      config, model, mesh, dataset_dir, "novel" if t.select_on == "novel" else "base",
-      protocol=evaluator_lib.selection_settings(config))
-  final_eval = evaluator_lib.from_config(config, model, mesh, dataset_dir, "novel")
+  if semantic:  # BAM's train_base.py: the whole validation split, base-class mIoU
+    select_eval = final_eval = semantic_lib.from_config(config, model, mesh, dataset_dir)
+  else:
+    select_eval = evaluator_lib.from_config(
+        config, model, mesh, dataset_dir, "novel" if t.select_on == "novel" else "base",
+        protocol=evaluator_lib.selection_settings(config))
+    final_eval = evaluator_lib.from_config(config, model, mesh, dataset_dir, "novel")
 
   # ---- checkpoints: resume ----
   ckpt = ckpt_lib.CheckpointManager(workdir, max_to_keep=int(t.keep_checkpoints),
@@ -253,13 +293,17 @@ def _train_and_evaluate(config, workdir: str, step_hook) -> dict:
     variables = state.variables()
     r = select_eval.run(variables, select_eval.protocol.seeds[0], desc=f"eval@{step}",
                         num_rows=num_images)
-    scores = {SELECT_METRIC: r.miou, "select/fbiou": r.fbiou}
-    if t.select_on == "novel":
-      scores.update(r.summary(prefix="val/"))
+    if semantic:
+      scores = {SELECT_METRIC: r.miou, **r.summary(prefix="val/")}
+      log(f"[step {step}] base-class eval: {r.headline()}")
+    else:
+      scores = {SELECT_METRIC: r.miou, "select/fbiou": r.fbiou}
+      if t.select_on == "novel":
+        scores.update(r.summary(prefix="val/"))
+      log(f"[step {step}] {t.select_on} eval ({r.meter.num_episodes} episodes): "
+          f"mIoU {100 * r.miou:.2f}  FB-IoU {100 * r.fbiou:.2f}")
     writer.write_scalars(step, scores)
     writer.write_images(step, {f"eval/episode_{i}": row for i, row in enumerate(r.rows)})
-    log(f"[step {step}] {t.select_on} eval ({r.meter.num_episodes} episodes): "
-        f"mIoU {100 * r.miou:.2f}  FB-IoU {100 * r.fbiou:.2f}")
     return scores
 
   result = {"step": start, "stopped": False}
@@ -343,14 +387,20 @@ def final_evaluation(config, workdir, ckpt, state, final_eval, writer) -> dict:
     state = ckpt.restore(best, state_template=template).state
     source = "best"
   step = best if source == "best" else last_step
-  log(f"final evaluation of the {source} checkpoint (step {step}) on novel classes, "
-      f"{protocol.describe()}")
+  semantic = isinstance(final_eval, semantic_lib.SemanticEvaluator)
+  log(f"final evaluation of the {source} checkpoint (step {step}) on "
+      f"{'base' if semantic else 'novel'} classes, {protocol.describe()}")
   out = final_eval.run_protocol(state.variables(), log=log)
   last = out["runs"][-1]
   log(last.table())
-  log(f"final: {evaluator_lib.format_seeds(out)}")
-  summary = evaluator_lib.results_json(out, **protocol.header(), checkpoint_step=step,
-                                       checkpoint=source)
+  if semantic:
+    log(f"final: {last.headline()}")
+    summary = semantic_lib.results_json(last, **protocol.header(), checkpoint_step=step,
+                                        checkpoint=source)
+  else:
+    log(f"final: {evaluator_lib.format_seeds(out)}")
+    summary = evaluator_lib.results_json(out, **protocol.header(), checkpoint_step=step,
+                                         checkpoint=source)
   writer.write_scalars(last_step, {"final/miou": out["miou"]["mean"],
                                    "final/fbiou": out["fbiou"]["mean"]})
   if jax.process_index() == 0:
