@@ -45,8 +45,12 @@ def model_naming(config) -> keymap.Naming:
   spec = backbones.get(config.model.backbone)
   model = registry.build_model(config)
   prefix = getattr(model, "torch_backbone_prefix", "")
+  # Head modules whose torch names the common rule cannot give (BAM's ``ASPP_meta.layer6_0.0``:
+  # an '_' before a digit that stays): Flax module path 'a/b' → torch module path.
+  renames = dict(getattr(model, "torch_module_names", {}))
+  head = lambda path: renames.get("/".join(path)) or keymap.dotted(path)
   module = keymap.scoped(
-      {BACKBONE_SCOPE: lambda path: prefix + spec.torch_module_path(path, "model")})
+      {BACKBONE_SCOPE: lambda path: prefix + spec.torch_module_path(path, "model")}, head)
   return keymap.Naming(module, spec.torch_order + tuple(model.torch_order))
 
 

@@ -46,6 +46,22 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Call jax.distributed.initialize() (default: from the environment).")
 
 
+def _evaluate_semantic(config, model, mesh, data, variables, source):
+  """A per-image model (``fss_jax/train/semantic.py``): every validation image, base classes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+  from fss_jax.train import semantic  # pylint: disable=g-import-not-at-top
+  ev = semantic.from_config(config, model, mesh, data)
+  say = print if jax.process_index() == 0 else (lambda *_: None)
+  say(f"evaluating {source} on {data} fold {config.data.fold}; {ev.protocol.describe()}")
+  out = ev.run_protocol(variables, progress=_PROGRESS.value)
+  say(f"\n{out['runs'][0].table()}\n{out['runs'][0].headline()}")
+  if _OUTPUT.value and jax.process_index() == 0:
+    evaluator_lib.write_json(_OUTPUT.value, semantic.results_json(
+        out["runs"][0], **ev.protocol.header(), source=source))
+    say(f"wrote {_OUTPUT.value}")
+
+
 def main(argv):
   from fss_jax.train import sharding  # pylint: disable=g-import-not-at-top
   sharding.script_setup(argv, _DISTRIBUTED.value)
@@ -68,6 +84,9 @@ def main(argv):
     cli.fail(f"{type(e).__name__}: {e}", cli.EXIT_FAILED)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   data = dataset_dir.prepare(config)
+  if registry.task(model) == "semantic":  # PSPNet (BAM's stage 1): base-class mIoU per image
+    _evaluate_semantic(config, model, mesh, data, variables, source)
+    return
   protocol = evaluator_lib.protocol_settings(config)
   ev = evaluator_lib.from_config(config, model, mesh, data, _CLASSES.value, protocol=protocol)
   say = print if jax.process_index() == 0 else (lambda *_: None)

@@ -80,9 +80,10 @@ class ModelCase:
     return float64_copies(self.net, self.variables, self.batch)
 
 
-def train_step_gradients(net, variables, batch, naming) -> dict:
+def train_step_gradients(net, variables, batch, naming,
+                         terms=("main_loss", "aux_loss"), frozen_keys=("backbone",)) -> dict:
   """Loss terms and trainable-parameter gradients through the public ``train_step``, keyed like
-  the PyTorch oracle (``main_loss``, ``aux_loss``, torch parameter names, OIHW kernels): plain
+  the PyTorch oracle (the loss ``terms``, torch parameter names, OIHW kernels): plain
   SGD with lr 1, so a gradient is old − new (exact to 1e-16 of the weights in float64). Dropout
   off. Call inside ``jax.enable_x64(True)`` with ``float64_copies``. Returns (dict, the state
   after the step: its ``batch_stats`` hold any BatchNorm statistics the step updated)."""
@@ -91,10 +92,10 @@ def train_step_gradients(net, variables, batch, naming) -> dict:
   import optax  # pylint: disable=g-import-not-at-top
   from fss_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   tx = optax.sgd(1.0)
-  state = step_lib.create_train_state(variables, tx)
+  state = step_lib.create_train_state(variables, tx, frozen_keys)
   new, metrics = jax.jit(lambda s, b, r: step_lib.train_step(
       s, b, r, model=net, tx=tx, deterministic=True))(state, batch, jax.random.key(0))
-  got = {k: np.asarray(metrics[k]) for k in ("main_loss", "aux_loss")}
+  got = {k: np.asarray(metrics[k]) for k in terms}
   new_flat = flax.traverse_util.flatten_dict(new.trainable)
   for path, old in flax.traverse_util.flatten_dict(state.trainable).items():
     grad = np.asarray(old) - np.asarray(new_flat[path])

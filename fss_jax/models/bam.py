@@ -147,6 +147,8 @@ class BAM(nn.Module):
   # index in the fold's base list + 1 (0 for a novel class), used by the training ensemble.
   inputs = ("query", "supp_images", "supp_labels", "base_class")
   targets = ("query_label", "query_base_label")
+  # model/ASPP.py names its branches layer6_0..layer6_4 (nn.Sequential each).
+  torch_module_names = {f"ASPP_meta/layer6_{i}_0": f"ASPP_meta.layer6_{i}.0" for i in range(5)}
   torch_order = ("learner_base", "down_query", "down_supp", "init_merge", "ASPP_meta",
                  "res1_meta", "res2_meta", "cls_meta", "gram_merge", "cls_merge", "kshot_rw")
 
