@@ -282,3 +282,30 @@ def test_run_config_of_an_older_run_gets_the_new_fields_defaults(tmp_path):
     f.write("[1, 2]")
   with pytest.raises(ValueError, match="config.json"):
     configs_lib.load_run_config(str(tmp_path))
+
+
+def test_bam_configs():
+  """BAM's recipes (chunbolang/BAM config/*/*_base.yaml, *_split0_*.yaml; train_base.py,
+  train.py): stage 1 PSPNet, stage 2 BAM on the frozen stage-1 network."""
+  p1 = _load("pascal_bam_base", "fold=2,backbone=vgg16_bn")
+  assert (p1.model.name, p1.model.backbone, p1.data.fold, p1.model.classes) == (
+      "pspnet", "vgg16_bn", 2, 16)
+  assert (p1.data.image_size, p1.data.train_batch_size, p1.data.scale) == (417, 12, (0.5, 2.0))
+  assert (p1.train.lr, p1.train.backbone_lr_scale, p1.train.epochs) == (2.5e-3, 0.1, 100)
+  assert p1.train.frozen_keys == () and p1.model.bn_mode == "batch_stats"
+  c1 = _load("coco_bam_base")
+  assert (c1.model.classes, c1.train.backbone_lr_scale, c1.train.epochs) == (61, 1.0, 20)
+  p2 = _load("pascal_bam", "fold=1,shot=5,backbone=resnet101")
+  assert (p2.model.name, p2.model.depth, p2.data.shot, p2.model.classes) == ("bam", 101, 5, 16)
+  assert (p2.data.image_size, p2.data.train_batch_size, p2.train.lr, p2.train.epochs) == (
+      473, 8, 0.05, 200)
+  assert p2.data.exclude_novel_images and p2.eval.protocol == "bam"
+  assert tuple(p2.train.frozen_keys) == ("backbone", "learner_base")
+  assert p2.model.base_weights == "" and p2.model.bn_mode == "frozen"
+  c2 = _load("coco_bam")
+  assert (c2.data.image_size, c2.data.scale, c2.train.epochs, c2.model.classes) == (
+      641, (0.8, 1.25), 50, 61)
+  for name in ("synthetic_bam_base", "synthetic_bam", "tiny_bam_base", "tiny_bam"):
+    assert _load(name).model.name in ("pspnet", "bam")
+  with pytest.raises(ValueError, match="allowed: resnet50, resnet101, vgg16_bn"):
+    _load("pascal_bam", "backbone=resnet_small")

@@ -199,3 +199,41 @@ def test_head_only_training_step():
   # The backbone did have a gradient to give (a trainable copy would have moved).
   grads = jax.grad(loss_fn, argnums=1)(head, frozen)
   assert np.abs(np.asarray(grads["backbone"]["layer0_0"]["kernel"])).min() > 0
+
+
+def test_backbone_lr_scale_matches_torch_param_groups():
+  """BAM's stage 1 (train_base.py, poly_learning_rate with index_split 0): the encoder's group at
+  base_lr, PPM and classifier at 10 x base_lr, weight decay and momentum in every group. Ours:
+  train.lr = 10 x base_lr and train.backbone_lr_scale = 0.1, in float64 to 1e-10."""
+  rng = np.random.default_rng(3)
+  shapes = {"backbone": {"conv": (3, 3, 2, 4)}, "ppm": {"kernel": (1, 1, 4, 2)},
+            "cls_4": {"bias": (5,)}}
+  params0 = jax.tree.map(lambda s: rng.normal(size=s), shapes,
+                         is_leaf=lambda x: isinstance(x, tuple))
+  steps, total, base_lr = 5, 7, 0.01
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape), params0) for _ in range(steps)]
+  config = _config(lr=10 * base_lr, weight_decay=1e-4, total_steps=total,
+                   backbone_lr_scale=0.1)
+  with jax.enable_x64(True):
+    tx = optim.make_optimizer(config)
+    params, state, got = params0, None, []
+    state = tx.init(params)
+    for g in grads:
+      updates, state = tx.update(g, state, params)
+      params = optax.apply_updates(params, updates)
+      got.append(jax.tree.map(np.asarray, params))
+  names = {"backbone": [("backbone", "conv")], "ppm": [("ppm", "kernel")],
+           "cls": [("cls_4", "bias")]}
+  t = {path: torch.tensor(params0[path[0]][path[1]], requires_grad=True)
+       for group in names.values() for path in group}
+  opt = torch.optim.SGD([{"params": [t[p] for p in names[n]]} for n in names], lr=base_lr,
+                        momentum=0.9, weight_decay=1e-4)
+  for k, g in enumerate(grads):
+    lr = base_lr * (1 - (k + 1) / total) ** 0.9
+    for i, group in enumerate(opt.param_groups):
+      group["lr"] = lr if i <= 0 else 10 * lr  # index <= index_split: base_lr, else 10x
+    for path, p in t.items():
+      p.grad = torch.tensor(g[path[0]][path[1]])
+    opt.step()
+    for path, p in t.items():
+      numerics.assert_exact(got[k][path[0]][path[1]], p.detach().numpy(), f"{k} {path}")
