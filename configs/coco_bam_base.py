@@ -16,10 +16,7 @@ from fss_jax import configs_lib
 
 
 def get_config(arg=None):
-  args = configs_lib.parse_arg(arg, {"fold": 0, "backbone": "resnet50"})
-  if args["backbone"] not in configs_lib.BAM_BACKBONES:
-    raise ValueError(f"Config argument backbone={args['backbone']!r}; allowed: "
-                     f"{', '.join(configs_lib.BAM_BACKBONES)}.")
+  args = configs_lib.parse_bam_arg(arg, {"fold": 0, "backbone": "resnet50"})
   config = configs_lib.bam_base_settings(configs_lib.base_config("pspnet"), "coco20i", args)
   configs_lib.validate_config(config)
   return config

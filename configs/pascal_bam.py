@@ -15,10 +15,7 @@ from fss_jax import configs_lib
 
 
 def get_config(arg=None):
-  args = configs_lib.parse_arg(arg, configs_lib.BAM_ARGS)
-  if args["backbone"] not in configs_lib.BAM_BACKBONES:
-    raise ValueError(f"Config argument backbone={args['backbone']!r}; allowed: "
-                     f"{', '.join(configs_lib.BAM_BACKBONES)}.")
+  args = configs_lib.parse_bam_arg(arg)
   config = configs_lib.bam_settings(configs_lib.base_config("bam"), "pascal5i", args)
   configs_lib.validate_config(config)
   return config

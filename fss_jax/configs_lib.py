@@ -338,6 +338,15 @@ BAM_BACKBONES = ("resnet50", "resnet101", "vgg16_bn")
 BAM_CLASSES = {"pascal5i": 16, "coco20i": 61, "synthetic": 16}
 
 
+def parse_bam_arg(arg, defaults=BAM_ARGS) -> Dict[str, Any]:
+  """``parse_arg`` for the BAM configs, with ``backbone`` checked against ``BAM_BACKBONES``."""
+  args = parse_arg(arg, defaults)
+  if args["backbone"] not in BAM_BACKBONES:
+    raise ValueError(f"Config argument backbone={args['backbone']!r}; allowed: "
+                     f"{', '.join(BAM_BACKBONES)}.")
+  return args
+
+
 def bam_base_settings(config: ml_collections.ConfigDict, dataset: str,
                       args: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """Stage 1 of BAM/MSANet (chunbolang/BAM ``train_base.py``, ``config/*/*_base.yaml``;
