@@ -442,6 +442,8 @@ class Predictor:
         "supp_images": np.broadcast_to(supp_images[None], (b, k, s, s, 3)),
         "supp_labels": np.broadcast_to(supp_labels[None], (b, k, s, s)),
     }
+    if "base_class" in self.model.inputs:  # BAM/MSANet: read in training only
+      batch["base_class"] = np.zeros((b,), np.int32)
     outputs = _forward(self.model, self.variables, batch)
     logits = outputs["logits"]
     outputs = jax.device_get(outputs)
