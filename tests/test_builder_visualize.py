@@ -42,8 +42,13 @@ def test_registry_builds_every_model_with_its_backbone(backbone):
   assert set(registry.MODELS) >= {"asgnet", "pfenet"}
   for name, module in registry.MODELS.items():  # every model keeps the contract
     m = module.from_config(configs_lib.base_config(name))
-    assert m.inputs == ("query", "supp_images", "supp_labels") and "query_label" in m.targets
     assert callable(m.loss) and m.torch_order
+    assert set(registry.dummy_inputs(m, 33, 1)) == set(m.inputs)  # every input can be built
+    if registry.task(m) == "episodes":
+      assert m.inputs[:3] == ("query", "supp_images", "supp_labels")
+      assert m.targets[0] == "query_label"  # the label of 'logits' (the train step's accuracy)
+    else:
+      assert registry.task(m) == "semantic" and (m.inputs, m.targets) == (("image",), ("label",))
 
 
 def test_template_matches_initial_variables():

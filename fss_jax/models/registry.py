@@ -7,8 +7,12 @@ Adding a model = its module file, its configs, and one line in ``MODELS``. A mod
 and its module class has:
   * ``__call__(query, supp_images, supp_labels, *, train, deterministic=None)`` → a dict with
     at least ``logits`` (B,H,W,C) at input resolution (the evaluator's and metrics' input);
-  * ``inputs``: the batch keys passed to ``__call__`` by name; ``targets``: the other batch keys
-    its loss reads (the batch-dict contract of ``fss_jax/data/pipeline.py``);
+  * ``inputs``: the batch keys passed to ``__call__`` by name (``dummy_inputs`` must know how to
+    build each); ``targets``: the other batch keys its loss reads, the first being the label of
+    ``logits`` (the batch-dict contract of ``fss_jax/data/pipeline.py``);
+  * optionally ``task``: 'episodes' (the default: few-shot episodes, ``__call__(query,
+    supp_images, supp_labels, ...)``) or 'semantic' (per-image batches, ``__call__(image, ...)``:
+    PSPNet, the base learner of BAM/MSANet's stage 1);
   * ``loss(out, batch)`` → (total, {name: scalar}) (the train step logs every term);
   * ``torch_order``: its PyTorch head modules in registration order, and a ``backbone``
     submodule of ``fss_jax.models.backbones`` (export names, ``fss_jax/weights.py``);
