@@ -122,7 +122,9 @@ def run(backbone: nn.Module, groups: Sequence[jax.Array], *, batch_stats: bool,
   bounds = [0]
   for g in groups:
     bounds.append(bounds[-1] + g.shape[0])
-  return [{k: v[a:b] for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+  # 'hyper' (MSANet's hyper-features) is a list of arrays: each is split the same way.
+  cut = lambda v, a, b: [x[a:b] for x in v] if isinstance(v, list) else v[a:b]
+  return [{k: cut(v, a, b) for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def mid_level(feats: dict[str, jax.Array]) -> jax.Array:

@@ -87,6 +87,78 @@ def unsort_weights(weight_sorted: jax.Array, order: jax.Array, mode: str) -> jax
   return jnp.take_along_axis(weight_sorted, ranks, axis=1)
 
 
+# ----------------------------------------------------------------------------- MSANet's parts
+
+CORR_EPS = 1e-5  # model/correlation.py: each vector divided by (its norm + 1e-5)
+
+
+def hyper_groups(num_blocks: Sequence[int], vgg: bool) -> tuple[int, int, int, int]:
+  """MSANet's hyper-feature layout: (index of the first feature used, then the sizes of the l2,
+  l3, l4 groups). ResNet: the pre-ReLU sums from layer1's last block on (``feat_ids`` 3..16 for
+  R50, 3..33 for R101; layer1's map is computed and discarded), groups = layer2, layer3, layer4
+  blocks. VGG: [conv4_1..3, conv5_1..3, layer4 output] (7), groups 3, 3, 1."""
+  if vgg:
+    return 0, 3, 3, 1
+  b1, b2, b3, b4 = (int(b) for b in num_blocks)
+  return b1 - 1, b2, b3, b4
+
+
+def chained_masks(fg: jax.Array, sizes: Sequence[tuple[int, int]]) -> list:
+  """``mask_feature``'s mask for each hyper-feature: (N,H,W) → [(N,h_i,w_i)], by the official
+  chain: first to 2·w_0 square, then, walking the features, resized (bilinear, align_corners)
+  whenever its width differs from the feature's (ResNet 473: 238 → 119 → 60; VGG 120 → 60 →
+  30). Not equal to a direct resize (reference_msanet.md §5.1)."""
+  m = ops.resize_bilinear_ac(fg[..., None], (2 * sizes[0][1], 2 * sizes[0][1]))
+  out = []
+  for size in sizes:
+    if m.shape[2] != size[1]:
+      m = ops.resize_bilinear_ac(m, size)
+    out.append(m[..., 0])
+  return out
+
+
+def similarity_map(query: jax.Array, supp: jax.Array, mask: jax.Array) -> jax.Array:
+  """One multi-similarity map (``mask_feature`` + ``Correlation.multilayer_correlation``):
+  (B,h,w,C) query and support features, (B,h,w) chained support mask → (B,h,w).
+
+  Support pixels kept: those whose mask is ≥ the mean of the mask's positive values (none when
+  the mask is empty: the reference's zero vector gives a zero map); each kept feature is scaled
+  by its mask value. Per query pixel p: mean over kept j of relu(⟨q̂_p, ŝ_j⟩), with v̂ = v /
+  (‖v‖ + 1e-5). Written with a fixed-size 0/1 selection over every support pixel, so it jits.
+  """
+  b, h, w, c = query.shape
+  m = mask.reshape((b, -1))
+  pos = m > 0
+  count = jnp.sum(pos, axis=1, keepdims=True)
+  mean = jnp.sum(jnp.where(pos, m, 0.0), axis=1, keepdims=True) / jnp.maximum(count, 1)
+  sel = ((m >= mean) & (count > 0)).astype(query.dtype)  # (B, hw)
+  s = supp.reshape((b, -1, c)) * m[..., None].astype(supp.dtype)
+  q = query.reshape((b, -1, c))
+  norm = lambda v: v / (jnp.sqrt(jnp.sum(jnp.square(v), axis=-1, keepdims=True)) + CORR_EPS)
+  corr = jnp.einsum("bpc,bjc->bpj", norm(q), norm(s), precision=jax.lax.Precision.HIGHEST)
+  total = jnp.einsum("bpj,bj->bp", nn.relu(corr), sel, precision=jax.lax.Precision.HIGHEST)
+  return (total / jnp.maximum(jnp.sum(sel, axis=1, keepdims=True), 1.0)).reshape((b, h, w))
+
+
+class Attention(nn.Module):
+  """MSANet's ``Attention`` (attribute ``gam``): a channel gate from the masked support feature.
+
+  v = mean over all positions of m ⊙ F (m: the full-size mask resized with PyTorch's legacy
+  nearest rule); g = sigmoid(Dropout(0.5)(conv(relu(conv(v))))) (1x1 convs with bias; the
+  dropout sits before the sigmoid); returns g ⊙ F. F (B,h,w,C), fg (B,H,W) → (B,h,w,C).
+  """
+
+  @nn.compact
+  def __call__(self, feat: jax.Array, fg: jax.Array, deterministic: bool) -> jax.Array:
+    c = feat.shape[-1]
+    m = ops.resize_nearest_torch(fg, feat.shape[1:3])[..., None].astype(feat.dtype)
+    v = jnp.mean(m * feat, axis=(1, 2), keepdims=True)
+    g = nn.relu(nn.Conv(c, (1, 1), name="gate_0")(v))
+    g = nn.Conv(c, (1, 1), name="gate_2")(g)
+    g = nn.Dropout(0.5)(g, deterministic=deterministic)
+    return jax.nn.sigmoid(g) * feat
+
+
 class ASPP(nn.Module):
   """``model/ASPP.py`` on (B,h,w,C) → (B,h,w,5C): [global, 1x1, 3x3 d6, d12, d18], each conv
   with bias → ReLU; the global branch is the map mean, broadcast (no interpolation). Weights
@@ -142,6 +214,8 @@ class BAM(nn.Module):
       fix_bn touches only BatchNorm); False: the base learner is deterministic.
     aux_weight1, aux_weight2: the meta and base losses' weights (1.0, 1.0; configs:
       ``train.aux_weight``, ``model.base_loss_weight``).
+    msanet: MSANet's meta learner (``fss_jax/models/msanet.py``): the hyper-feature
+      multi-similarity (64 ch) and the attention module (256 ch) join the merge (833 ch).
   """
   # The model-family contract (fss_jax/models/registry.py); base_class: the episode class's
   # index in the fold's base list + 1 (0 for a novel class), used by the training ensemble.
@@ -150,7 +224,8 @@ class BAM(nn.Module):
   # model/ASPP.py names its branches layer6_0..layer6_4 (nn.Sequential each).
   torch_module_names = {f"ASPP_meta/layer6_{i}_0": f"ASPP_meta.layer6_{i}.0" for i in range(5)}
   torch_order = ("learner_base", "down_query", "down_supp", "init_merge", "ASPP_meta",
-                 "res1_meta", "res2_meta", "cls_meta", "gram_merge", "cls_merge", "kshot_rw")
+                 "res1_meta", "res2_meta", "cls_meta", "gram_merge", "cls_merge", "kshot_rw",
+                 "gam", "hyper_final")
 
   backbone: nn.Module = dataclasses.field(default_factory=resnet.ResNet)
   base_classes: int = 15
@@ -165,6 +240,7 @@ class BAM(nn.Module):
   base_dropout: bool = True
   aux_weight1: float = 1.0
   aux_weight2: float = 1.0
+  msanet: bool = False
 
   @nn.compact
   def __call__(self, query: jax.Array, supp_images: jax.Array, supp_labels: jax.Array,
@@ -196,19 +272,30 @@ class BAM(nn.Module):
     sg = jax.lax.stop_gradient
 
     # ---- Frozen backbone (no gradient, running BN statistics) ----
-    outs = backbones.run(self.backbone, [query] + [supp_images[:, i] for i in range(k)],
-                         batch_stats=False, upto="layer3")
-    outs = [{n: sg(v.astype(dtype)) for n, v in o.items()} for o in outs]
+    # MSANet: one pass to layer4 recording the hyper-features (its extract_feats).
+    images = [query] + [supp_images[:, i] for i in range(k)]
+    if self.msanet:
+      outs = backbones.run(self.backbone, images, batch_stats=False, upto="layer4", hyper=True)
+    else:
+      outs = backbones.run(self.backbone, images, batch_stats=False, upto="layer3")
+    cast = lambda v: sg(v.astype(dtype))
+    outs = [{n: [cast(x) for x in v] if isinstance(v, list) else cast(v)
+             for n, v in o.items()} for o in outs]
     h, w = outs[0]["layer3"].shape[1:3]
     fg = (supp_labels == 1).astype(dtype)  # (B,K,H,W)
     mask = ops.resize_bilinear_ac(fg.reshape((b * k, big_h, big_w, 1)), (h, w))
     mask = mask.reshape((b, k, h, w, 1))
-    l4_in = [outs[0]["layer3"]] + [
-        outs[1 + i]["layer3"] * (mask[:, i] if self.prior_support_masked else 1.0)
-        for i in range(k)]
-    l4 = backbones.run(self.backbone, l4_in, batch_stats=False, start="layer4", upto="layer4")
-    query_l4 = sg(l4[0]["layer4"].astype(dtype))
-    supp_l4 = jnp.stack([sg(o["layer4"].astype(dtype)) for o in l4[1:]], axis=1)
+    if self.msanet and not self.prior_support_masked:
+      query_l4 = outs[0]["layer4"]
+      supp_l4 = jnp.stack([o["layer4"] for o in outs[1:]], axis=1)
+    else:
+      l4_in = [outs[0]["layer3"]] + [
+          outs[1 + i]["layer3"] * (mask[:, i] if self.prior_support_masked else 1.0)
+          for i in range(k)]
+      l4 = backbones.run(self.backbone, l4_in, batch_stats=False, start="layer4",
+                         upto="layer4")
+      query_l4 = sg(l4[0]["layer4"].astype(dtype))
+      supp_l4 = jnp.stack([sg(o["layer4"].astype(dtype)) for o in l4[1:]], axis=1)
 
     # ---- Meta features and per-shot prototypes (with gradient) ----
     mid = [backbones.mid_level(o) for o in outs]
@@ -232,10 +319,16 @@ class BAM(nn.Module):
     prior = _weighted(shot_priors, weights)[..., None]
     prototype = _weighted(shot_protos, weights)
 
-    # ---- Meta learner ----
-    merge = jnp.concatenate(
-        [query_feat, jnp.broadcast_to(prototype[:, None, None, :], query_feat.shape),
-         prior.astype(query_feat.dtype)], axis=-1)
+    # ---- Meta learner (MSANet: with the multi-similarity and attention features) ----
+    parts = [query_feat, jnp.broadcast_to(prototype[:, None, None, :], query_feat.shape)]
+    extra = {}
+    if self.msanet:
+      extra = self._msanet_features(outs, fg, supp_feat, deterministic)
+      parts.append(extra["hyper_final"])
+    parts.append(prior.astype(query_feat.dtype))
+    if self.msanet:
+      parts.append(extra["gam"])
+    merge = jnp.concatenate(parts, axis=-1)
     x = nn.relu(fem_lib.conv(self.reduce_dim, 1, "init_merge_0")(merge))
     x = ASPP(name="ASPP_meta")(x)
     x = nn.relu(fem_lib.conv(self.reduce_dim, 1, "res1_meta_0")(x))
@@ -280,8 +373,44 @@ class BAM(nn.Module):
         "prior": prior, "shot_priors": shot_priors, "prototype": prototype,
         "shot_prototypes": shot_protos, "psi": psi, "shot_psi": shot_psi,
         "shot_weights": weights, "query_feat": query_feat, "supp_feat": supp_feat,
-        "supp_mask": mask[..., 0],
+        "supp_mask": mask[..., 0], **extra,
     }
+
+  def _msanet_features(self, outs, fg, supp_feat, deterministic) -> dict:
+    """MSANet's hyper path and attention (reference_msanet.md §2, §5, §6): per shot, the
+    similarity maps of the hyper-features (chained masks, ≥-mean selection), grouped l2 | l3 |
+    l4 and averaged over shots (VGG: l2 from the last shot only, resized to l3's size), then
+    ``hyper_final`` (1x1 conv with bias → BN, frozen → ReLU, 64 ch); GAM per shot, averaged.
+    Returns {'hyper' (B,h,w,C_h), 'hyper_final' (B,h,w,64), 'gam' (B,h,w,256)}."""
+    from fss_jax.models import vgg  # pylint: disable=g-import-not-at-top
+    is_vgg = isinstance(self.backbone, vgg.VGG16BN)
+    blocks = () if is_vgg else (self.backbone.blocks or resnet.BLOCKS[self.backbone.depth])
+    first, n2, n3, n4 = hyper_groups(blocks, is_vgg)
+    k = len(outs) - 1
+    query_h = outs[0]["hyper"][first:]
+    sizes = [x.shape[1:3] for x in query_h]
+    n = len(query_h)
+    groups = {"l2": [], "l3": [], "l4": []}
+    for i in range(k):
+      masks = chained_masks(fg[:, i], sizes)
+      supp_h = outs[1 + i]["hyper"][first:]
+      maps = [similarity_map(query_h[j], supp_h[j], masks[j]) for j in range(n - n2 - n3 - n4, n)]
+      groups["l2"].append(jnp.stack(maps[:n2], axis=-1))
+      groups["l3"].append(jnp.stack(maps[n2:n2 + n3], axis=-1))
+      groups["l4"].append(jnp.stack(maps[n2 + n3:], axis=-1))
+    mean = lambda xs: sum(xs[1:], xs[0]) / k
+    l3, l4 = mean(groups["l3"]), mean(groups["l4"])
+    if is_vgg:  # the official code resizes the last shot's l2 group (variable ``corr``)
+      l2 = ops.resize_bilinear_ac(groups["l2"][-1], l3.shape[1:3])
+    else:
+      l2 = mean(groups["l2"])
+    hyper = jnp.concatenate([l2, l3, l4], axis=-1)
+    x = nn.Conv(64, (1, 1), name="hyper_final_0")(hyper)
+    x = resnet.TorchBatchNorm(dtype=x.dtype, name="hyper_final_1")(x, True)
+    hyper_final = nn.relu(x)
+    gam_mod = Attention(name="gam")
+    gam = sum(gam_mod(supp_feat[:, i], fg[:, i], deterministic) for i in range(k)) / k
+    return {"hyper": hyper, "hyper_final": hyper_final, "gam": gam}
 
   def _down(self, name: str, x: jax.Array, deterministic: bool) -> jax.Array:
     """(N,h,w,C) → (N,h,w,reduce_dim): 1x1 conv (no bias) → ReLU → Dropout2d(0.5)."""

@@ -134,6 +134,22 @@ def resize_bilinear_ac(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
   return _resize_by_matrices(x, out_hw, _bilinear_ac_matrix, "resize_bilinear_ac")
 
 
+def torch_nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+  """Source index of each output pixel of PyTorch's legacy ``F.interpolate(mode='nearest',
+  size=...)``: min(floor(dst · (n_in / n_out)), n_in − 1) with the scale and product in float32,
+  as its kernel computes them (473 → 60 picks 0, 7, 15, ...): (n_out,) int64."""
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, n_in - 1)
+
+
+def resize_nearest_torch(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+  """(B,H,W,...) → (B,oh,ow,...) by ``torch_nearest_indices`` on each spatial axis."""
+  rows = torch_nearest_indices(x.shape[1], out_hw[0])
+  cols = torch_nearest_indices(x.shape[2], out_hw[1])
+  return x[:, rows][:, :, cols]
+
+
 def resize_bilinear(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
   """Bilinear resize with PyTorch ``F.interpolate(mode='bilinear', align_corners=False)``.
 

@@ -32,6 +32,7 @@ import ml_collections
 
 from fss_jax.models import asgnet
 from fss_jax.models import bam
+from fss_jax.models import msanet
 from fss_jax.models import panet
 from fss_jax.models import pfenet
 from fss_jax.models import pspnet
@@ -39,6 +40,7 @@ from fss_jax.models import pspnet
 MODELS = {
     "asgnet": asgnet,
     "bam": bam,
+    "msanet": msanet,
     "panet": panet,
     "pfenet": pfenet,
     "pspnet": pspnet,

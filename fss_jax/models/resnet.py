@@ -128,8 +128,9 @@ class Bottleneck(nn.Module):
   last_relu: bool = True  # False: the block returns out + identity without the final ReLU
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-    """x: (B,H,W,Cin) → (B,(H-1)//stride+1,(W-1)//stride+1,4·planes)."""
+  def __call__(self, x: jax.Array, use_running_average: bool, preact: bool = False):
+    """x: (B,H,W,Cin) → (B,(H-1)//stride+1,(W-1)//stride+1,4·planes); with ``preact`` the pair
+    (output, the residual sum before the final ReLU) (MSANet's hyper-features)."""
     bn = lambda name: TorchBatchNorm(dtype=self.dtype, name=name)
     out = _conv(self.planes, 1, 1, 0, 1, self.dtype, "conv1")(x)
     out = nn.relu(bn("bn1")(out, use_running_average))
@@ -142,7 +143,8 @@ class Bottleneck(nn.Module):
       x = _conv(self.planes * EXPANSION, 1, self.stride, 0, 1, self.dtype, "downsample_0")(x)
       x = bn("downsample_1")(x, use_running_average)
     out = out + x.astype(out.dtype)
-    return nn.relu(out) if self.last_relu else out
+    result = nn.relu(out) if self.last_relu else out
+    return (result, out) if preact else result
 
 
 class ResNet(nn.Module):
@@ -165,7 +167,8 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool = True,
-               upto: str = "layer4", start: str = "layer0") -> dict[str, jax.Array]:
+               upto: str = "layer4", start: str = "layer0",
+               hyper: bool = False) -> dict[str, jax.Array]:
     """Runs layers ``start``..``upto``.
 
     Args:
@@ -175,6 +178,8 @@ class ResNet(nn.Module):
         running-statistics updates when ``batch_stats`` is mutable).
       upto: last layer to run, one of ``LAYERS``.
       start: first layer to run.
+      hyper: also return 'hyper': the list of every bottleneck's residual sum before its final
+        ReLU, in network order (MSANet's hyper-features, its ``extract_feat_res``).
 
     Returns:
       {'layer0': (B,2k+1,2k+1,2w), 'layer1': (B,2k+1,2k+1,4w), 'layer2': (B,k+1,k+1,8w),
@@ -189,6 +194,7 @@ class ResNet(nn.Module):
       check_input_size(x.shape[1], x.shape[2])
     x = x.astype(self.dtype)
     feats = {}
+    pre = []
     if first == 0:
       x = feats["layer0"] = Stem(dtype=self.dtype, width=self.width, name="layer0")(
           x, use_running_average)
@@ -202,8 +208,13 @@ class ResNet(nn.Module):
         x = Bottleneck(planes, stride=stride if i == 0 else 1, dilation=dilation,
                        downsample=i == 0, dtype=self.dtype,
                        last_relu=self.layer3_last_relu or stage != 3 or i != blocks - 1,
-                       name=f"layer{stage}_{i}")(x, use_running_average)
+                       name=f"layer{stage}_{i}")(x, use_running_average, preact=hyper)
+        if hyper:
+          x, sum_ = x
+          pre.append(sum_)
       feats[f"layer{stage}"] = x
+    if hyper:
+      feats["hyper"] = pre
     return feats
 
 

@@ -52,12 +52,15 @@ class VGG16BN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool = True,
-               upto: str = "layer4", start: str = "layer0") -> dict[str, jax.Array]:
+               upto: str = "layer4", start: str = "layer0",
+               hyper: bool = False) -> dict[str, jax.Array]:
     """Runs layers ``start``..``upto`` (same contract as ``resnet.ResNet``).
 
     Args:
       x: (B,H,W,3) normalised RGB when ``start`` is 'layer0', else the previous layer's output.
       use_running_average: True: frozen BN; False: batch statistics (see ``TorchBatchNorm``).
+      hyper: also return 'hyper': the raw outputs (before BN) of layer3's and layer4's convs
+        (conv4_1..3, conv5_1..3), then layer4's output (MSANet's ``extract_feat_vgg``).
     Returns:
       {'layer0': (B,H/2,W/2,64), 'layer1': (·/4,128), 'layer2': (·/8,256), 'layer3': (·/16,512),
        'layer4': (·/16,512)} for the layers run (sides rounded up at every pool).
@@ -67,6 +70,7 @@ class VGG16BN(nn.Module):
       raise ValueError(f"VGG16BN expects (B,H,W,3) inputs, got shape {x.shape}")
     x = x.astype(self.dtype)
     feats = {}
+    pre = []
     for stage in range(first, last + 1):
       name = LAYERS[stage]
       _, widths, pool = STAGES[stage]
@@ -76,12 +80,16 @@ class VGG16BN(nn.Module):
                     # torchvision's VGG init (kaiming normal, fan_out; zero bias).
                     kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                     name=f"{name}_{3 * i}")(x)
+        if hyper and stage >= 3:
+          pre.append(x)
         x = resnet.TorchBatchNorm(dtype=self.dtype, name=f"{name}_{3 * i + 1}")(
             x, use_running_average)
         x = nn.relu(x)
       if pool:
         x = max_pool_ceil(x)
       feats[name] = x
+    if hyper:
+      feats["hyper"] = pre + [x]
     return feats
 
 
