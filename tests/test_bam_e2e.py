@@ -1,4 +1,4 @@
-"""BAM's two stages end to end on the tiny procedural dataset, through ``scripts/train.py``.
+"""BAM's (and MSANet's) two stages end to end on the tiny procedural dataset.
 
 Stage 1 (``configs/tiny_bam_base.py``: the per-image PSPNet) resumes exactly after SIGKILL, as
 the episodic trainer does; stage 2 (``configs/tiny_bam.py``) trains on the stage-1 run and
@@ -113,3 +113,28 @@ def test_stage2_trains_on_stage1_and_refuses_without_it(stage1, data_dir, tmp_pa
   assert set(state["trainable"]) >= {"init_merge_0", "ASPP_meta", "cls_meta_3", "gram_merge"}
   with open(os.path.join(workdir, "final_metrics.json")) as f:
     assert "miou" in json.load(f)
+
+
+def test_msanet_trains_on_the_same_stage1(stage1, data_dir, tmp_path):
+  """MSANet's stage 2 on BAM's stage 1: its frozen network is the stage-1 run's; its own parts
+  (the attention gate, hyper_final) train."""
+  config = configs_lib.load_config("configs/tiny_msanet.py")
+  config.data.data_dir = data_dir
+  config.model.base_weights = stage1
+  config.train.total_steps = 2
+  config.train.eval_every = 2
+  config.train.checkpoint_every = 2
+  workdir = str(tmp_path / "msanet")
+  result = trainer.train_and_evaluate(config, workdir)
+  assert result["step"] == 2 and "final" in result
+  mgr = ckpt_lib.CheckpointManager(workdir)
+  try:
+    state = mgr.restore(2).state
+  finally:
+    mgr.close()
+  assert {"gam", "hyper_final_0", "hyper_final_1", "init_merge_0"} <= set(state["trainable"])
+  # [query, prototype, hyper_final (64), prior, attention] with reduce_dim 16: 833 at 256
+  assert state["trainable"]["init_merge_0"]["kernel"].shape[2] == 16 + 16 + 64 + 1 + 16
+  frozen = e2e._flat(state["frozen"])  # pylint: disable=protected-access
+  np.testing.assert_array_equal(frozen["/learner_base/1_4/kernel"],
+                                _trainable(stage1)["/cls_4/kernel"])

@@ -305,7 +305,14 @@ def test_bam_configs():
   c2 = _load("coco_bam")
   assert (c2.data.image_size, c2.data.scale, c2.train.epochs, c2.model.classes) == (
       641, (0.8, 1.25), 50, 61)
-  for name in ("synthetic_bam_base", "synthetic_bam", "tiny_bam_base", "tiny_bam"):
-    assert _load(name).model.name in ("pspnet", "bam")
+  for name in ("synthetic_bam_base", "synthetic_bam", "tiny_bam_base", "tiny_bam",
+               "synthetic_msanet", "tiny_msanet"):
+    assert _load(name).model.name in ("pspnet", "bam", "msanet")
+  m = _load("pascal_msanet", "fold=3,shot=5,backbone=vgg16_bn")
+  assert (m.model.name, m.model.kshot_unsort, m.model.prior_support_masked) == (
+      "msanet", "msanet", False)
+  assert (m.data.fold, m.data.shot, m.train.lr, m.train.epochs) == (3, 5, 0.05, 200)
+  assert tuple(m.train.frozen_keys) == ("backbone", "learner_base")
+  assert _load("coco_msanet").data.image_size == 641
   with pytest.raises(ValueError, match="allowed: resnet50, resnet101, vgg16_bn"):
     _load("pascal_bam", "backbone=resnet_small")
