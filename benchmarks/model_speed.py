@@ -92,6 +92,10 @@ CASES = (
     "pfenet_vgg_train_1shot_473_b4",
     "panet_vgg_eval_1shot_417", "panet_vgg_eval_5shot_417", "panet_vgg_eval_2way_1shot_417",
     "panet_vgg_eval_1shot_233", "panet_vgg_train_1shot_417_b1",
+    "bam_r50_eval_1shot_473", "bam_r50_eval_5shot_473", "bam_r50_eval_1shot_233",
+    "bam_r50_train_1shot_473_b4",
+    "msanet_r50_eval_1shot_473", "msanet_r50_eval_5shot_473", "msanet_r50_eval_1shot_233",
+    "msanet_r50_train_1shot_473_b4",
 )
 # case-name backbone tag -> (config.model.backbone family, ResNet depth; unused for VGG)
 BACKBONES = {"r50": ("resnet", 50), "r101": ("resnet", 101), "vgg": ("vgg16_bn", 50)}
@@ -105,7 +109,11 @@ BASELINES = {
               "tests/torch_asgnet_ref.py *)",
     "panet": "the official PANet FewShotSeg + PAR (bit-identical transcription, "
              "tests/torch_panet_ref.py)",
+    "bam": "the official BAM OneModel (bit-identical transcription, tests/torch_bam_ref.py)",
+    "msanet": "the official MSANet OneModel (bit-identical transcription, "
+              "tests/torch_msanet_ref.py)",
 }
+STAGE2 = ("bam", "msanet")  # stage-2 models: frozen backbone and base learner, BN frozen
 FOOTNOTE = ("* float64 logits equal to the official Reagan1311/ASGNet code's; interleaved against it "
             "on a 2-core CPU,\n  train b4 0.91-0.97x and eval 1-shot 473 0.98x the official "
             "time (same ops, same allocations).")
@@ -228,13 +236,18 @@ def run_jax(case, warmup, repeats, train_bn="batch_stats"):
   config.data.shot = case.shot
   config.data.image_size = case.size
   config.data.train_batch_size = case.batch
-  if case.kind == "train":
+  if case.kind == "train" and case.model not in STAGE2:
     config.model.bn_mode = train_bn  # batch_stats: the official scripts' train mode
+  if case.model in STAGE2:  # BAM's train.py: fix_bn, frozen PSPNet, all groups at 10x
+    config.train.frozen_keys = ("backbone", "learner_base")
   model = registry.build_model(config)
   variables = jax.device_put(
       registry.init_variables(model, case.size, case.shot, jax.random.key(0)))
   q, s, lab, y = _inputs(case.shot, case.size, case.batch, case.way)
-  batch = jax.device_put({"query": q, "supp_images": s, "supp_labels": lab, "query_label": y})
+  batch = {"query": q, "supp_images": s, "supp_labels": lab, "query_label": y}
+  if case.model in STAGE2:
+    batch.update(_stage2_targets(case))
+  batch = jax.device_put(batch)
 
   if case.kind == "eval":
     f = jax.jit(lambda v, b: model.apply(v, **step_lib.model_inputs(model, b),
@@ -255,9 +268,23 @@ def run_jax(case, warmup, repeats, train_bn="batch_stats"):
   return _time(fn, warmup, repeats)
 
 
+def _stage2_targets(case):
+  """BAM/MSANet's extra batch entries: the episode class's base index + 1 (the training
+  ensemble leaves it out) and the query's base-class label (B,S,S) in 0..15."""
+  import numpy as np
+  rng = np.random.default_rng(7)
+  return {"base_class": np.full((case.batch,), 3, np.int32),
+          "query_base_label": rng.integers(0, 16, (case.batch, case.size, case.size)
+                                           ).astype(np.int32)}
+
+
 def _torch_optimizer(case, model):
   """The official training script's optimiser of ``case.model`` on the baseline ``model``."""
   import torch
+  if case.model in STAGE2:
+    # BAM's get_optim / MSANet's one group: the meta learner (freeze_modules took the rest).
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05,
+                           momentum=0.9, weight_decay=1e-4)
   if case.model == "panet":
     # kaixin96/PANet train.py: SGD over all parameters (the whole encoder trains).
     return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
@@ -302,6 +329,26 @@ def _torch_model(case):
       if "par_skipped" in out:  # what the official alignLoss skipped (it does less work)
         forward.skipped = out["par_skipped"].tolist()
       return ref.total_loss(out, y)
+    return model, forward, loss
+  if case.model in STAGE2:
+    layers = "vgg" if case.backbone == "vgg" else BACKBONES[case.backbone][1]
+    if case.model == "bam":
+      from tests import torch_bam_ref as ref
+      model = ref.RefBAM(layers, 16, case.shot)
+    else:
+      from tests import torch_msanet_ref as ref
+      model = ref.RefMSANet(layers, 16, case.shot)
+    extra = _stage2_targets(case)
+    cat_idx = torch.from_numpy(extra["base_class"] - 1).long()
+    y_b = torch.from_numpy(extra["query_base_label"]).long()
+    loss_terms = ref.bam_loss if case.model == "bam" else ref.msanet_loss
+
+    def forward(x, s_x, s_y):
+      return model(x, s_x, s_y, cat_idx=cat_idx)
+
+    def loss(out, y):
+      main, aux1, aux2 = loss_terms(out, y, y_b)
+      return main + aux1 + aux2
     return model, forward, loss
   if case.model == "pfenet":
     from tests import torch_pfenet_ref as ref
