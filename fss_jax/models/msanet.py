@@ -22,7 +22,6 @@ tensors (MSANet's ``train.py``), which is what fss_jax's optimiser does anyway.
 """
 import ml_collections
 
-
 from fss_jax.models import bam
 
 MSANet = bam.BAM
@@ -41,6 +40,3 @@ def from_config(config) -> bam.BAM:
   """The MSANet of ``config.model`` with ``config.data.shot`` shots."""
   model = bam.from_config(config)
   return model.clone(msanet=True)
-
-
-
