@@ -264,23 +264,23 @@ def test_bam_eval_vgg(vgg_gram_resized):
   _bam_eval(BAMCase("vgg16_bn", 2, batch=1, vgg_gram_resized=vgg_gram_resized))
 
 
-@pytest.mark.parametrize("backbone,shot", [("resnet", 5), ("vgg16_bn", 1)])
-def test_bam_train_step_gradients(backbone, shot):
-  """The training forward with dropout off: the ensemble leaves the episode's own base class
-  (cat_idx + 1 = our base_class) out of the base foreground; the three loss terms and the
-  gradient of every trainable tensor (the frozen backbone and base learner get none)."""
-  case = BAMCase(backbone, shot, batch=1 if backbone == "vgg16_bn" else 2)
+def check_stage2_train_step(case, loss_terms, low_key="base_lo"):
+  """The training forward with dropout off, for BAM and MSANet: the ensemble leaves the
+  episode's own base class (cat_idx + 1 = our base_class) out of the base foreground; the three
+  loss terms (the oracle's ``loss_terms(out, y_m, y_b)``) and the gradient of every trainable
+  tensor (the frozen backbone and base learner get none), in float64. The exclusion is asserted
+  to change the output. Returns our gradients."""
   model = case.torch64
   model.eval()
   # The episode class: each query's most probable base class, so that leaving it out of the
   # base foreground changes the output (with random weights most classes have ~0 mass).
   with torch.no_grad():
-    p_b = model(**case.torch_inputs(model))["base_lo"].softmax(1).mean((2, 3))[:, 1:]
+    p_b = model(**case.torch_inputs(model))[low_key].softmax(1).mean((2, 3))[:, 1:]
   case.cat_idx = p_b.argmax(1).numpy()
   case.batch["base_class"] = (case.cat_idx + 1).astype(np.int32)
   model.zero_grad()
   out = model(**case.torch_inputs(model), cat_idx=torch.from_numpy(case.cat_idx), train=True)
-  main, meta, base = ref.bam_loss(out, torch.from_numpy(case.y), torch.from_numpy(case.y_b))
+  main, meta, base = loss_terms(out, torch.from_numpy(case.y), torch.from_numpy(case.y_b))
   (main + meta + base).backward()
   want = {"main_loss": main.item(), "meta_loss": meta.item(), "base_loss": base.item()}
   want.update({k: p.grad.numpy().copy() for k, p in model.named_parameters()
@@ -290,14 +290,20 @@ def test_bam_train_step_gradients(backbone, shot):
         *case.ours(exact=True), weights.model_naming(case.config),
         terms=("main_loss", "meta_loss", "base_loss"), frozen_keys=("backbone", "learner_base"))
   assert set(got) == set(want)
-  assert ("kshot_rw.0.weight" in got) == (shot > 1)
   _check(got, want, exact=True)
-  # The exclusion matters: without it the final output differs.
   with jax.enable_x64(True):
     net, variables, batch = case.ours(exact=True)
     run = lambda b: np.asarray(net.apply(variables, **step_lib.model_inputs(net, b),
                                          train=True, deterministic=True)["logits"])
     assert np.abs(run(batch) - run({**batch, "base_class": batch["base_class"] * 0})).max() > 1e-6
+  return got
+
+
+@pytest.mark.parametrize("backbone,shot", [("resnet", 5), ("vgg16_bn", 1)])
+def test_bam_train_step_gradients(backbone, shot):
+  case = BAMCase(backbone, shot, batch=1 if backbone == "vgg16_bn" else 2)
+  got = check_stage2_train_step(case, ref.bam_loss)
+  assert ("kshot_rw.0.weight" in got) == (shot > 1)
 
 
 def test_bam_checkpoint_import_and_strict_export(tmp_path):

@@ -113,27 +113,9 @@ def test_msanet_train_step_gradients(backbone, shot):
   """Dropout off, the training ensemble (own base class left out): the three loss terms and
   the gradient of every trainable tensor, hyper_final's conv and BN affine and the attention
   gate included."""
-  case = MSACase(backbone, shot)
-  model = case.torch64
-  model.eval()
-  with torch.no_grad():
-    p_b = model(**case.torch_inputs(model))["base_low"].softmax(1).mean((2, 3))[:, 1:]
-  case.cat_idx = p_b.argmax(1).numpy()
-  case.batch["base_class"] = (case.cat_idx + 1).astype(np.int32)
-  model.zero_grad()
-  out = model(**case.torch_inputs(model), cat_idx=torch.from_numpy(case.cat_idx), train=True)
-  main, meta, base = ref.msanet_loss(out, torch.from_numpy(case.y), torch.from_numpy(case.y_b))
-  (main + meta + base).backward()
-  want = {"main_loss": main.item(), "meta_loss": meta.item(), "base_loss": base.item()}
-  want.update({k: p.grad.numpy().copy() for k, p in model.named_parameters()
-               if p.grad is not None})
-  with jax.enable_x64(True):
-    got, _ = numerics.train_step_gradients(
-        *case.ours(exact=True), weights.model_naming(case.config),
-        terms=("main_loss", "meta_loss", "base_loss"), frozen_keys=("backbone", "learner_base"))
-  assert set(got) == set(want)
+  got = bam_tests.check_stage2_train_step(MSACase(backbone, shot), ref.msanet_loss,
+                                          low_key="base_low")
   assert {"gam.gate.0.weight", "hyper_final.0.bias", "hyper_final.1.weight"} <= set(got)
-  bam_tests._check(got, want, exact=True)  # pylint: disable=protected-access
 
 
 def test_msanet_export_loads_strictly():
