@@ -299,8 +299,9 @@ class BAM(nn.Module):
 
     # ---- Meta features and per-shot prototypes (with gradient) ----
     mid = [backbones.mid_level(o) for o in outs]
-    query_feat = self._down("down_query_0", mid[0], deterministic)
-    supp_feat = self._down("down_supp_0", jnp.concatenate(mid[1:], axis=0), deterministic)
+    down = lambda name, x: fem_lib.down_conv(x, name, self.reduce_dim, deterministic)
+    query_feat = down("down_query_0", mid[0])
+    supp_feat = down("down_supp_0", jnp.concatenate(mid[1:], axis=0))
     supp_feat = supp_feat.reshape((k, b, h, w, self.reduce_dim)).transpose(1, 0, 2, 3, 4)
     shot_protos = ops.masked_average_pool(supp_feat.reshape((b * k, h, w, self.reduce_dim)),
                                           mask.reshape((b * k, h, w)))
@@ -411,11 +412,6 @@ class BAM(nn.Module):
     gam_mod = Attention(name="gam")
     gam = sum(gam_mod(supp_feat[:, i], fg[:, i], deterministic) for i in range(k)) / k
     return {"hyper": hyper, "hyper_final": hyper_final, "gam": gam}
-
-  def _down(self, name: str, x: jax.Array, deterministic: bool) -> jax.Array:
-    """(N,h,w,C) → (N,h,w,reduce_dim): 1x1 conv (no bias) → ReLU → Dropout2d(0.5)."""
-    x = nn.relu(fem_lib.conv(self.reduce_dim, 1, name)(x))
-    return ops.Dropout2d(0.5)(x, deterministic=deterministic)
 
   def _kshot_weights(self, shot_psi: jax.Array) -> jax.Array:
     """(B,K) ψ → (B,K) softmax weights (all ones for K = 1, as the reference)."""

@@ -24,6 +24,13 @@ def conv(features: int, kernel: int, name: str, bias: bool = False) -> nn.Conv:
                  name=name)
 
 
+def down_conv(x: jax.Array, name: str, features: int, deterministic: bool) -> jax.Array:
+  """PFENet's (and BAM/MSANet's) ``down_query`` / ``down_supp``: (N,h,w,C) → (N,h,w,features),
+  ``{name}`` 1x1 conv (no bias) → ReLU → Dropout2d(0.5), in the caller's scope."""
+  x = nn.relu(conv(features, 1, name)(x))
+  return ops.Dropout2d(0.5)(x, deterministic=deterministic)
+
+
 def bin_size(b: Bin, feat_size: int) -> int:
   """Absolute bin size: ints > 1 are absolute (PASCAL 60/30/15/8), floats <= 1 relative (COCO,
   truncated as the references do: int(feat_size · b))."""

@@ -109,8 +109,9 @@ class PFENet(nn.Module):
     mid = [backbones.mid_level(o) for o in outs]
     if not self.train_backbone:
       mid = [jax.lax.stop_gradient(x) for x in mid]
-    query_feat = self._down("down_query_0", mid[0], deterministic)
-    supp_feat = self._down("down_supp_0", jnp.concatenate(mid[1:], axis=0), deterministic)
+    down = lambda name, x: fem_lib.down_conv(x, name, self.reduce_dim, deterministic)
+    query_feat = down("down_query_0", mid[0])
+    supp_feat = down("down_supp_0", jnp.concatenate(mid[1:], axis=0))
     supp_feat = supp_feat.reshape((k, b, h, w, self.reduce_dim)).transpose(1, 0, 2, 3, 4)
 
     # ---- Prototype: Weighted_GAP per shot (with gradient), mean over shots ----
@@ -135,11 +136,6 @@ class PFENet(nn.Module):
         "supp_feat": supp_feat,
         "supp_mask": mask[..., 0],
     }
-
-  def _down(self, name: str, x: jax.Array, deterministic: bool) -> jax.Array:
-    """(N,h,w,C) → (N,h,w,reduce_dim): 1x1 conv (no bias) → ReLU → Dropout2d(0.5)."""
-    x = nn.relu(fem_lib.conv(self.reduce_dim, 1, name)(x))
-    return ops.Dropout2d(0.5)(x, deterministic=deterministic)
 
   def loss(self, out: dict, batch: dict) -> tuple[jax.Array, dict]:
     """The reference's training loss: main CE + aux_weight · mean of the FEM CEs (ignore 255).

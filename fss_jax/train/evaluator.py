@@ -114,20 +114,6 @@ def episode_scores(model, variables, batch: Mapping[str, jax.Array],
   return inter, union, target, pred.astype(jnp.uint8)
 
 
-def _local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in local batch order."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  rows, seen = [], set()
-  for s in shards:
-    start = s.index[0].start or 0
-    if start not in seen:  # replicated shards over other axes would repeat rows
-      seen.add(start)
-      rows.append(np.asarray(s.data))
-  return np.concatenate(rows)
-
-
 @dataclasses.dataclass
 class EvalResult:
   """One evaluation run: the (process-summed) meter and the classes it is averaged over."""
@@ -258,10 +244,10 @@ class Evaluator:
         device_batch = sharding.host_batch_to_global({k: batch[k] for k in keys}, self.mesh)
         inter, union, target, pred = episode_scores(self.model, variables, device_batch,
                                                     self.original_label)
-        meter.update_batch(batch["class_ids"], _local_rows(inter), _local_rows(union),
-                           batch["valid"], _local_rows(target))
+        meter.update_batch(batch["class_ids"], sharding.local_rows(inter), sharding.local_rows(union),
+                           batch["valid"], sharding.local_rows(target))
         if len(rows) < num_rows:
-          rows += self._draw(batch, _local_rows(pred), num_rows - len(rows))
+          rows += self._draw(batch, sharding.local_rows(pred), num_rows - len(rows))
         bar.update(1)
     finally:
       bar.close()

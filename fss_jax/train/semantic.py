@@ -151,7 +151,7 @@ class SemanticEvaluator:
         counts = image_scores(self.model, variables, device_batch)
         valid = np.asarray(batch["valid"], bool)
         for i, x in enumerate(counts):
-          sums[i] += _local_rows(x)[valid].sum(axis=0)
+          sums[i] += sharding.local_rows(x)[valid].sum(axis=0)
         count += int(valid.sum())
         bar.update(1)
     finally:
@@ -173,11 +173,6 @@ class SemanticEvaluator:
       log(r.headline())
     return {"runs": [r], "miou": metrics_lib.mean_std([r.miou]),
             "fbiou": metrics_lib.mean_std([r.miou_all])}
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-  from fss_jax.train import evaluator  # pylint: disable=g-import-not-at-top
-  return evaluator._local_rows(x)  # pylint: disable=protected-access
 
 
 def from_config(config, model, mesh, dataset_dir: str) -> SemanticEvaluator:

@@ -139,3 +139,17 @@ def host_batch_to_global(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> d
   if len(sizes) > 1:
     raise ValueError(f"batch entries have different leading sizes {sorted(sizes)}.")
   return jax.tree_util.tree_map_with_path(to_global, dict(batch))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in local batch order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  rows, seen = [], set()
+  for s in shards:
+    start = s.index[0].start or 0
+    if start not in seen:  # replicated shards over other axes would repeat rows
+      seen.add(start)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
